@@ -1,0 +1,281 @@
+"""The job actor: one Ray actor per job, running the user's ``entrypoint(ctx)``.
+
+``JobRunner`` is the job's lifecycle in plain asyncio (one state enum, one shutdown
+path); ``JobActor`` is the thin Ray actor around it that speaks msgpack records with
+the supervisor. The graceful budget is enforced from outside by the supervisor, which
+kills this actor when it is spent: nothing here has to be trusted to finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import os
+import traceback
+from typing import Any, Protocol
+
+import ray
+from livekit import rtc
+
+from ..agents.job import JobContext, JobProcess, callback_takes_reason, make_job
+from ..agents.options import EndWhen, WorkerOptions
+from ..agents.room import RemoteParticipant
+from ..aio import supervised_task
+from ..logs import JsonFormatter, install_record_fields
+from ..messages import (
+    Ack,
+    Cause,
+    JobOutcome,
+    JobStart,
+    JobStarted,
+    JobState,
+    ParticipantsChanged,
+    ShutdownRequest,
+    ShutdownStarted,
+    decode,
+    encode,
+)
+from ..rooms.base import RoomConnection
+from ..rooms.local import LocalRoomConnection
+
+logger = logging.getLogger("rayvisor.job")
+
+MAX_ERROR_CHARS = 8_000
+"""Error text kept on a job record (the full traceback goes to the job's log)."""
+
+ROOM_ENDING_KINDS = frozenset({
+    rtc.ParticipantKind.PARTICIPANT_KIND_STANDARD,
+    rtc.ParticipantKind.PARTICIPANT_KIND_SIP,
+})
+"""Participants whose presence keeps a job alive under ``EndWhen.ROOM_EMPTY``."""
+
+
+class RunnerState(str, enum.Enum):
+    CREATED = "created"
+    RUNNING = "running"
+    SHUTTING_DOWN = "shutting_down"
+    DONE = "done"
+
+
+class JobReporter(Protocol):
+    """How a job tells its supervisor what it decided on its own."""
+
+    def shutdown_started(self, record: ShutdownStarted) -> None: ...
+
+    def participants_changed(self, record: ParticipantsChanged) -> None: ...
+
+
+def describe_exception(err: BaseException) -> str:
+    text = "".join(traceback.format_exception(err))
+    return text[-MAX_ERROR_CHARS:]
+
+
+class JobRunner:
+    """Runs one job: entrypoint, end conditions, and the shutdown sequence, once."""
+
+    def __init__(self, opts: WorkerOptions, start: JobStart, proc: JobProcess,
+                 connection: RoomConnection, reporter: JobReporter) -> None:
+        self._opts = opts
+        self._start = start
+        self._reporter = reporter
+        self.state = RunnerState.CREATED
+        self._cause: Cause | None = None
+        self._reason = ""
+        self._errors: list[str] = []
+        self._entry_task: asyncio.Task[None] | None = None
+        self._done = asyncio.Event()
+        self._outcome: JobOutcome | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.ctx = JobContext(
+            job=make_job(job_id=start.job_id, room=start.room, metadata=start.metadata,
+                         agent_name=start.agent_name, dispatch_id=start.dispatch_id),
+            proc=proc,
+            worker_id=start.worker_id,
+            identity=start.identity,
+            connection=connection,
+            request_shutdown=lambda cause, reason: self.request_shutdown(cause, reason),
+            room_poll_timeout=opts.room_poll_timeout,
+        )
+        room = self.ctx.room
+        room.on("connected", self._on_participants_changed)
+        room.on("participant_connected", self._on_participants_changed)
+        room.on("participant_disconnected", self._on_participant_disconnected)
+        room.on("disconnected", self._on_disconnected)
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the entrypoint in its own task. Returning from it does not end the job."""
+        if self.state != RunnerState.CREATED:
+            return
+        self.state = RunnerState.RUNNING
+        self._entry_task = asyncio.get_running_loop().create_task(self._run_entrypoint(), name="entrypoint")
+
+    async def _run_entrypoint(self) -> None:
+        try:
+            await self._opts.entrypoint_fnc(self.ctx)
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:
+            logger.exception("entrypoint raised")
+            self.request_shutdown(Cause.ENTRYPOINT_ERROR, error=describe_exception(err))
+
+    def request_shutdown(self, cause: Cause, reason: str = "", error: str | None = None,
+                         *, from_supervisor: bool = False) -> None:
+        """Start the shutdown sequence in its own task; later requests are ignored."""
+        if error is not None:
+            self._errors.append(error)
+        if self.state in (RunnerState.SHUTTING_DOWN, RunnerState.DONE):
+            return
+        self.state = RunnerState.SHUTTING_DOWN
+        self._cause, self._reason = cause, reason
+        logger.info("job shutting down", extra={"cause": cause.value, "reason": reason})
+        if not from_supervisor:
+            # Sent synchronously so the supervisor starts the deadline even if the
+            # shutdown task below never gets to run (a blocked or hostile loop).
+            self._reporter.shutdown_started(ShutdownStarted(
+                job_id=self._start.job_id, cause=cause, reason=reason, error=error))
+        supervised_task(self._shutdown(), name="job-shutdown", logger=logger, tasks=self._tasks)
+
+    async def _shutdown(self) -> None:
+        entry = self._entry_task
+        if entry is not None and not entry.done():
+            entry.cancel()
+            # Wait for the entrypoint to really end: one that swallows cancellation keeps
+            # us here until the supervisor kills the actor at the deadline.
+            await asyncio.wait({entry})
+        if entry is not None and entry.done() and not entry.cancelled() and entry.exception() is not None:
+            if self._cause != Cause.ENTRYPOINT_ERROR:
+                self._errors.append(describe_exception(entry.exception()))
+        for callback in self.ctx.shutdown_callbacks:
+            try:
+                if callback_takes_reason(callback):
+                    result = callback(self._reason)
+                else:
+                    result = callback()
+                if asyncio.iscoroutine(result):
+                    await result
+            except Exception as err:
+                logger.exception("shutdown callback %r raised", callback)
+                self._errors.append(f"shutdown callback {getattr(callback, '__name__', callback)!r} raised:\n"
+                                    + describe_exception(err))
+        try:
+            await asyncio.wait_for(self.ctx.room._disconnect(), self._opts.control_call_timeout)
+        except Exception as err:
+            logger.warning("leaving the room failed: %r", err)
+        state = JobState.FAILED if self._errors else JobState.SUCCEEDED
+        error = "\n".join(self._errors)[-MAX_ERROR_CHARS:] if self._errors else None
+        assert self._cause is not None
+        self._outcome = JobOutcome(state=state, cause=self._cause, reason=self._reason, error=error)
+        self.state = RunnerState.DONE
+        self._done.set()
+
+    async def wait_done(self) -> JobOutcome:
+        await self._done.wait()
+        assert self._outcome is not None
+        return self._outcome
+
+    # -- end conditions from the room ----------------------------------------------
+
+    def _on_participants_changed(self, _participant: RemoteParticipant | None = None) -> None:
+        self._reporter.participants_changed(ParticipantsChanged(
+            job_id=self._start.job_id, identities=sorted(self.ctx.room.remote_participants)))
+
+    def _on_participant_disconnected(self, participant: RemoteParticipant) -> None:
+        self._on_participants_changed()
+        if self._opts.end_when != EndWhen.ROOM_EMPTY or participant.kind not in ROOM_ENDING_KINDS:
+            return
+        if not any(p.kind in ROOM_ENDING_KINDS for p in self.ctx.room.remote_participants.values()):
+            self.request_shutdown(Cause.ROOM_EMPTY, "all standard and SIP participants left")
+
+    def _on_disconnected(self, reason: int) -> None:
+        if reason == rtc.DisconnectReason.ROOM_DELETED:
+            self.request_shutdown(Cause.ROOM_DELETED, "room deleted")
+        else:
+            name = rtc.DisconnectReason.Name(reason) if reason in dict(rtc.DisconnectReason.items()).values() else reason
+            self.request_shutdown(Cause.ROOM_DISCONNECTED, f"disconnected from the room: {name}")
+
+
+class _SupervisorReporter:
+    """Fire-and-forget reports to the supervisor (never awaited: the job must not block on it)."""
+
+    def __init__(self, supervisor: Any) -> None:
+        self._supervisor = supervisor
+
+    def shutdown_started(self, record: ShutdownStarted) -> None:
+        if self._supervisor is not None:
+            self._supervisor.report_shutdown_started.remote(encode(record))
+
+    def participants_changed(self, record: ParticipantsChanged) -> None:
+        if self._supervisor is not None:
+            self._supervisor.report_participants.remote(encode(record))
+
+
+@ray.remote(num_cpus=0, max_restarts=0)
+class JobActor:
+    """One job's process. All calls take and return msgpack records."""
+
+    def __init__(self, opts: WorkerOptions, supervisor: Any, namespace: str) -> None:
+        self._opts = opts
+        self._supervisor = supervisor
+        self._namespace = namespace
+        self._proc = JobProcess()
+        self._prewarmed = False
+        self._runner: JobRunner | None = None
+        self._runner_ready = asyncio.Event()
+        self._early_shutdown: ShutdownRequest | None = None
+
+    def _prewarm(self) -> None:
+        if not self._prewarmed and self._opts.prewarm_fnc is not None:
+            self._opts.prewarm_fnc(self._proc)
+        self._prewarmed = True
+
+    def _configure_logging(self, start: JobStart) -> None:
+        handler = logging.StreamHandler()
+        handler.setFormatter(JsonFormatter())
+        logging.getLogger().handlers[:] = [handler]
+        logging.getLogger().setLevel(logging.INFO)
+        install_record_fields(lambda: {
+            "job_id": start.job_id, "room": start.room, **(self._runner.ctx.log_context_fields if self._runner else {})
+        })
+
+    async def start(self, data: bytes) -> bytes:
+        """Prewarm if needed and prepare the job; returns where it runs.
+
+        The entrypoint is started by a separate ``run`` call: an entrypoint that blocks the
+        loop from its first line must not be able to hold back this reply.
+        """
+        start = decode(data, JobStart)
+        self._configure_logging(start)
+        self._prewarm()
+        connection = LocalRoomConnection(self._namespace, call_timeout=self._opts.control_call_timeout)
+        self._runner = JobRunner(self._opts, start, self._proc, connection, _SupervisorReporter(self._supervisor))
+        self._runner_ready.set()
+        if self._early_shutdown is not None:
+            self._runner.request_shutdown(self._early_shutdown.cause, self._early_shutdown.reason, from_supervisor=True)
+        return encode(JobStarted(pid=os.getpid(), node_id=ray.get_runtime_context().get_node_id()))
+
+    async def run(self) -> bytes:
+        """Start the entrypoint (a no-op if the job is already shutting down)."""
+        if self._runner is not None:
+            self._runner.start()
+        return encode(Ack())
+
+    async def wait_done(self) -> bytes:
+        """Resolves when the shutdown sequence has completed (the job's outcome)."""
+        await self._runner_ready.wait()
+        assert self._runner is not None
+        return encode(await self._runner.wait_done())
+
+    async def shutdown(self, data: bytes) -> bytes:
+        """Begin the shutdown protocol (returns at once; the supervisor holds the deadline)."""
+        request = decode(data, ShutdownRequest)
+        if self._runner is None:
+            self._early_shutdown = self._early_shutdown or request
+        else:
+            self._runner.request_shutdown(request.cause, request.reason, from_supervisor=True)
+        return encode(Ack())
+
+    async def ping(self) -> bytes:
+        return encode(Ack())

@@ -1,0 +1,80 @@
+"""Find the ``WorkerOptions`` of an agent given as ``AGENT.py`` or ``module:attribute``."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+import inspect
+import re
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from .agents.options import WorkerOptions
+from .errors import AgentLoadError, InvalidAgent
+
+
+def load_agent(target: str, *, agent_name: str | None = None) -> WorkerOptions:
+    """Load an agent: a file defining ``WorkerOptions`` or ``entrypoint`` (and maybe
+    ``prewarm``), or an import path ``package.module:attribute`` naming either."""
+    attribute: str | None = None
+    if Path(target).is_file():
+        module = _load_file(Path(target))
+    elif ":" in target:
+        module_name, attribute = target.split(":", 1)
+        try:
+            module = importlib.import_module(module_name)
+        except Exception as err:
+            raise AgentLoadError(f"cannot import {module_name!r}: {err}") from err
+    else:
+        raise AgentLoadError(f"{target!r} is neither a Python file nor a module:attribute import path")
+    opts = _options_from(module, attribute)
+    if agent_name is not None and agent_name != opts.agent_name:
+        opts = dataclasses.replace(opts, agent_name=agent_name)
+    return opts
+
+
+def _load_file(path: Path) -> ModuleType:
+    name = "rayvisor_agent_" + re.sub(r"\W", "_", path.stem)
+    spec = importlib.util.spec_from_file_location(name, path.resolve())
+    if spec is None or spec.loader is None:
+        raise AgentLoadError(f"cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    sys.path.insert(0, str(path.resolve().parent))  # the agent's sibling modules, as `python AGENT.py` would
+    try:
+        spec.loader.exec_module(module)
+    except Exception as err:
+        sys.modules.pop(name, None)
+        raise AgentLoadError(f"{path} raised while loading: {type(err).__name__}: {err}") from err
+    return module
+
+
+def _options_from(module: ModuleType, attribute: str | None) -> WorkerOptions:
+    if attribute is not None:
+        value: Any = getattr(module, attribute, None)
+        if value is None:
+            raise AgentLoadError(f"{module.__name__} has no attribute {attribute!r}")
+        return _as_options(value, module)
+    found = [v for v in vars(module).values() if isinstance(v, WorkerOptions)]
+    if len(found) == 1:
+        return found[0]
+    if len(found) > 1:
+        raise AgentLoadError(f"{module.__name__} defines several WorkerOptions; name one with module:attribute")
+    entrypoint = getattr(module, "entrypoint", None)
+    if entrypoint is None:
+        raise AgentLoadError(
+            f"{module.__name__} defines no WorkerOptions and no `entrypoint` function"
+        )
+    return _as_options(entrypoint, module)
+
+
+def _as_options(value: Any, module: ModuleType) -> WorkerOptions:
+    if isinstance(value, WorkerOptions):
+        return value
+    if inspect.isfunction(value):
+        prewarm = getattr(module, "prewarm", None)
+        return WorkerOptions(entrypoint_fnc=value, prewarm_fnc=prewarm if inspect.isfunction(prewarm) else None)
+    raise InvalidAgent(f"{value!r} is neither WorkerOptions nor an entrypoint function")

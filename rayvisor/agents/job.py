@@ -1,0 +1,184 @@
+"""``JobContext`` and ``JobProcess``: what an entrypoint is given, as in livekit-agents."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import os
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from livekit import rtc
+from livekit.protocol import agent as agent_proto
+from livekit.protocol import models as models_proto
+
+from ..errors import InvalidAgent, LiveKitNotConfigured, NotConnected
+from ..messages import Cause
+from ..rooms.base import RoomConnection
+from ..rooms.records import ParticipantInfo
+from .options import AutoSubscribe
+from .room import RemoteParticipant, Room
+
+ShutdownCallback = Callable[[], Coroutine[Any, Any, None]] | Callable[[str], Coroutine[Any, Any, None]]
+ShutdownHook = Callable[[Cause, str], None]
+
+DEFAULT_PARTICIPANT_KINDS = (
+    rtc.ParticipantKind.PARTICIPANT_KIND_SIP,
+    rtc.ParticipantKind.PARTICIPANT_KIND_STANDARD,
+)
+
+
+class JobProcess:
+    """The process (Ray actor) a job runs in. ``userdata`` is filled by ``prewarm_fnc``."""
+
+    def __init__(self) -> None:
+        self.userdata: dict[str, Any] = {}
+        self.pid = os.getpid()
+
+
+class JobContext:
+    """The entrypoint's view of its job: ``ctx.room``, ``ctx.job``, ``ctx.connect()``, ...
+
+    Built by the job actor; ``request_shutdown`` is the actor's hook that starts the
+    shutdown protocol (it runs the shutdown callbacks registered here).
+    """
+
+    def __init__(
+        self,
+        *,
+        job: agent_proto.Job,
+        proc: JobProcess,
+        worker_id: str,
+        identity: str,
+        connection: RoomConnection,
+        request_shutdown: ShutdownHook,
+        room_poll_timeout: float,
+    ) -> None:
+        self._job = job
+        self._proc = proc
+        self._worker_id = worker_id
+        self._identity = identity
+        self._connection = connection
+        self._request_shutdown = request_shutdown
+        self._room_poll_timeout = room_poll_timeout
+        self._room = Room(job.room.name)
+        self._shutdown_callbacks: list[ShutdownCallback] = []
+        self._log_context_fields: dict[str, Any] = {}
+        self._auto_subscribe = AutoSubscribe.SUBSCRIBE_ALL
+        self._participant_waiters: list[tuple[asyncio.Future[RemoteParticipant], Callable[[RemoteParticipant], bool]]] = []
+        self._room.on("participant_connected", self._on_participant_connected)
+
+    # -- what the entrypoint reads ----------------------------------------------------
+
+    @property
+    def job(self) -> agent_proto.Job:
+        """The job (a ``livekit.protocol.agent.Job``): ``id``, ``metadata``, ``room.name``,
+        ``agent_name``, ``dispatch_id``."""
+        return self._job
+
+    @property
+    def room(self) -> Room:
+        return self._room
+
+    @property
+    def proc(self) -> JobProcess:
+        return self._proc
+
+    @property
+    def worker_id(self) -> str:
+        return self._worker_id
+
+    @property
+    def api(self) -> Any:
+        raise LiveKitNotConfigured(
+            "ctx.api needs a LiveKit server (ws_url, api_key, api_secret); this job runs on the local room backend"
+        )
+
+    @property
+    def log_context_fields(self) -> dict[str, Any]:
+        """Fields added to every log record the job's process writes."""
+        return self._log_context_fields
+
+    @log_context_fields.setter
+    def log_context_fields(self, fields: dict[str, Any]) -> None:
+        self._log_context_fields = dict(fields)
+
+    @property
+    def shutdown_callbacks(self) -> list[ShutdownCallback]:
+        return list(self._shutdown_callbacks)
+
+    # -- what the entrypoint does -------------------------------------------------
+
+    async def connect(self, *, auto_subscribe: AutoSubscribe = AutoSubscribe.SUBSCRIBE_ALL, **_: Any) -> None:
+        """Join the job's room as the agent participant (``agent-<job id>``, kind AGENT)."""
+        self._auto_subscribe = AutoSubscribe(auto_subscribe)
+        local = ParticipantInfo(
+            identity=self._identity,
+            name=self._job.agent_name or self._identity,
+            kind=rtc.ParticipantKind.PARTICIPANT_KIND_AGENT,
+            attributes={"lk.agent.name": self._job.agent_name} if self._job.agent_name else {},
+        )
+        await self._room._connect(self._connection, local, self._room_poll_timeout)
+
+    async def wait_for_participant(
+        self, *, identity: str | None = None,
+        kind: list[int] | int = DEFAULT_PARTICIPANT_KINDS,
+    ) -> RemoteParticipant:
+        """The first remote participant matching ``identity`` and ``kind`` (waits for one to join)."""
+        if not self._room.isconnected():
+            raise NotConnected("the room is not connected: await ctx.connect() first")
+        kinds = {kind} if isinstance(kind, int) else set(kind)
+
+        def matches(p: RemoteParticipant) -> bool:
+            return (identity is None or p.identity == identity) and p.kind in kinds
+
+        for participant in self._room.remote_participants.values():
+            if matches(participant):
+                return participant
+        future: asyncio.Future[RemoteParticipant] = asyncio.get_running_loop().create_future()
+        self._participant_waiters.append((future, matches))
+        try:
+            return await future
+        finally:
+            self._participant_waiters = [w for w in self._participant_waiters if w[0] is not future]
+
+    def _on_participant_connected(self, participant: RemoteParticipant) -> None:
+        for future, matches in list(self._participant_waiters):
+            if not future.done() and matches(participant):
+                future.set_result(participant)
+
+    def add_shutdown_callback(self, callback: ShutdownCallback) -> None:
+        """Run ``callback()`` or ``callback(reason)`` once, when the job shuts down."""
+        if not callable(callback):
+            raise InvalidAgent(f"shutdown callback must be callable, got {callback!r}")
+        self._shutdown_callbacks.append(callback)
+
+    def shutdown(self, reason: str = "") -> None:
+        """End the job: the shutdown protocol starts in its own task, once."""
+        self._request_shutdown(Cause.USER_SHUTDOWN, reason)
+
+    async def delete_room(self) -> None:
+        """End the session for everyone: delete the room (the job ends with ``room_deleted``)."""
+        await self._room._delete()
+
+
+def make_job(*, job_id: str, room: str, metadata: str, agent_name: str, dispatch_id: str) -> agent_proto.Job:
+    """The ``ctx.job`` record, a real ``livekit.protocol.agent.Job`` as in livekit-agents."""
+    return agent_proto.Job(
+        id=job_id,
+        dispatch_id=dispatch_id,
+        type=agent_proto.JobType.JT_ROOM,
+        room=models_proto.Room(name=room),
+        agent_name=agent_name,
+        metadata=metadata,
+    )
+
+
+def callback_takes_reason(callback: ShutdownCallback) -> bool:
+    """True when a shutdown callback accepts the reason argument."""
+    try:
+        params = inspect.signature(callback).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)]
+    return bool(positional)

@@ -1,0 +1,327 @@
+"""The room facade a job sees as ``ctx.room``: livekit.rtc.Room's names over any backend.
+
+The facade owns the state users read (participants, attributes, metadata) and emits
+LiveKit's events; a backend (``rayvisor.rooms``) only moves records. One participant
+object is kept per identity and updated in place, so ``if p == participant:`` holds
+across events, as with livekit.rtc.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from livekit import rtc
+
+from ..aio import supervised_task
+from ..errors import NotConnected
+from ..rooms.base import RoomConnection
+from ..rooms.records import EventBatch, ParticipantInfo, RoomEvent, RoomEventType, RoomSnapshot
+
+logger = logging.getLogger("rayvisor.room")
+
+TextStreamHandler = Callable[["TextStreamReader", str], Any]
+
+
+class Participant:
+    """Common fields of local and remote participants (livekit.rtc names)."""
+
+    def __init__(self, info: ParticipantInfo) -> None:
+        self.identity = info.identity
+        self._info = info
+
+    @property
+    def sid(self) -> str:
+        return f"PA_{self.identity}"
+
+    @property
+    def name(self) -> str:
+        return self._info.name
+
+    @property
+    def kind(self) -> int:
+        """An ``rtc.ParticipantKind`` value."""
+        return self._info.kind
+
+    @property
+    def attributes(self) -> dict[str, str]:
+        return dict(self._info.attributes)
+
+    @property
+    def metadata(self) -> str:
+        return self._info.metadata
+
+    def _update(self, info: ParticipantInfo) -> None:
+        self._info = info
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(identity={self.identity!r}, kind={self.kind})"
+
+
+class RemoteParticipant(Participant):
+    """Another participant in the room."""
+
+    @property
+    def track_publications(self) -> dict[str, Any]:
+        return {}
+
+
+class LocalParticipant(Participant):
+    """The agent itself; its actions go through the room backend."""
+
+    def __init__(self, info: ParticipantInfo, connection: RoomConnection) -> None:
+        super().__init__(info)
+        self._connection = connection
+
+    async def send_text(
+        self, text: str, *, topic: str = "", destination_identities: list[str] | None = None,
+        attributes: dict[str, str] | None = None,
+    ) -> rtc.TextStreamInfo:
+        """Send ``text`` as a text stream on ``topic`` (to everyone, or to the given identities)."""
+        await self._connection.send(
+            topic=topic, text=text, data=None, destination_identities=list(destination_identities or [])
+        )
+        return rtc.TextStreamInfo(
+            stream_id="", mime_type="text/plain", topic=topic, timestamp=int(time.time() * 1000),
+            size=len(text.encode()), attributes=dict(attributes or {}), attachments=[],
+        )
+
+    async def publish_data(
+        self, payload: bytes | str, *, reliable: bool = True,
+        destination_identities: list[str] | None = None, topic: str = "",
+    ) -> None:
+        """Publish a data packet; receivers get ``data_received``."""
+        data = payload.encode() if isinstance(payload, str) else bytes(payload)
+        await self._connection.send(
+            topic=topic, text=None, data=data, destination_identities=list(destination_identities or [])
+        )
+
+    async def set_attributes(self, attributes: dict[str, str]) -> None:
+        """Merge attributes (an empty value deletes a key); others get ``participant_attributes_changed``."""
+        await self._connection.set_attributes(dict(attributes))
+        merged = {**self._info.attributes, **attributes}
+        self._update(self._info.model_copy(update={"attributes": {k: v for k, v in merged.items() if v}}))
+
+    async def set_metadata(self, metadata: str) -> None:
+        await self._connection.set_metadata(metadata)
+        self._update(self._info.model_copy(update={"metadata": metadata}))
+
+
+class TextStreamReader:
+    """A received text stream (whole message at once on the local backend)."""
+
+    def __init__(self, info: rtc.TextStreamInfo, text: str) -> None:
+        self.info = info
+        self._text = text
+
+    async def read_all(self) -> str:
+        return self._text
+
+    def __aiter__(self):
+        async def chunks():
+            yield self._text
+
+        return chunks()
+
+
+class Room:
+    """``ctx.room``: a livekit.rtc.Room look-alike over a ``RoomConnection`` backend."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._metadata = ""
+        self._connection: RoomConnection | None = None
+        self._local: LocalParticipant | None = None
+        self._remote: dict[str, RemoteParticipant] = {}
+        self._handlers: dict[str, list[Callable[..., Any]]] = {}
+        self._text_handlers: dict[str, TextStreamHandler] = {}
+        self._state = rtc.ConnectionState.CONN_DISCONNECTED
+        self._seq = 0
+        self._pump: asyncio.Task[Any] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # -- livekit.rtc.Room surface ----------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def metadata(self) -> str:
+        return self._metadata
+
+    @property
+    def remote_participants(self) -> dict[str, RemoteParticipant]:
+        return self._remote
+
+    @property
+    def local_participant(self) -> LocalParticipant:
+        if self._local is None:
+            raise NotConnected("the room is not connected yet: await ctx.connect() first")
+        return self._local
+
+    @property
+    def connection_state(self) -> int:
+        return self._state
+
+    def isconnected(self) -> bool:
+        return self._state == rtc.ConnectionState.CONN_CONNECTED
+
+    def on(self, event: str, callback: Callable[..., Any] | None = None) -> Callable[..., Any]:
+        """Register a synchronous callback for ``event`` (usable as a decorator), as livekit.rtc."""
+
+        def register(fn: Callable[..., Any]) -> Callable[..., Any]:
+            if inspect.iscoroutinefunction(fn):
+                raise ValueError(
+                    "Cannot register an async callback with `.on()`. "
+                    "Use `asyncio.create_task` within your synchronous callback instead."
+                )
+            self._handlers.setdefault(event, []).append(fn)
+            return fn
+
+        return register(callback) if callback is not None else register
+
+    def once(self, event: str, callback: Callable[..., Any] | None = None) -> Callable[..., Any]:
+        def register(fn: Callable[..., Any]) -> Callable[..., Any]:
+            def wrapper(*args: Any) -> None:
+                self.off(event, wrapper)
+                fn(*args)
+
+            self.on(event, wrapper)
+            return fn
+
+        return register(callback) if callback is not None else register
+
+    def off(self, event: str, callback: Callable[..., Any]) -> None:
+        handlers = self._handlers.get(event, [])
+        if callback in handlers:
+            handlers.remove(callback)
+
+    def emit(self, event: str, *args: Any) -> None:
+        """Call every callback of ``event``; one that raises is logged, the rest still run."""
+        for fn in list(self._handlers.get(event, [])):
+            try:
+                fn(*args)
+            except Exception:
+                logger.exception("room event callback for %r raised", event)
+
+    def register_text_stream_handler(self, topic: str, handler: TextStreamHandler) -> None:
+        """``handler(reader, participant_identity)`` for text streams on ``topic``."""
+        if topic in self._text_handlers:
+            raise ValueError(f"A text stream handler for topic '{topic}' is already set.")
+        self._text_handlers[topic] = handler
+
+    def unregister_text_stream_handler(self, topic: str) -> None:
+        self._text_handlers.pop(topic, None)
+
+    # -- driven by the job ---------------------------------------------------------
+
+    async def _connect(self, connection: RoomConnection, local: ParticipantInfo, poll_timeout: float) -> None:
+        """Join through ``connection`` and start delivering events."""
+        if self._connection is not None:
+            return
+        self._state = rtc.ConnectionState.CONN_RECONNECTING
+        snapshot: RoomSnapshot = await connection.connect(self._name, local)
+        self._connection = connection
+        self._metadata = snapshot.metadata
+        self._local = LocalParticipant(snapshot.local, connection)
+        for info in snapshot.participants:
+            self._remote[info.identity] = RemoteParticipant(info)
+        self._state = rtc.ConnectionState.CONN_CONNECTED
+        self.emit("connection_state_changed", self._state)
+        self.emit("connected")
+        self._pump = supervised_task(
+            self._pump_events(poll_timeout), name=f"room-events:{self._name}", logger=logger, tasks=self._tasks
+        )
+
+    async def _disconnect(self) -> None:
+        """Leave the room (used by the job's shutdown); no ``disconnected`` event is emitted."""
+        if self._pump is not None:
+            self._pump.cancel()
+        connection, self._connection = self._connection, None
+        if connection is not None and self._state == rtc.ConnectionState.CONN_CONNECTED:
+            self._state = rtc.ConnectionState.CONN_DISCONNECTED
+            await connection.disconnect()
+        self._state = rtc.ConnectionState.CONN_DISCONNECTED
+
+    async def _delete(self) -> None:
+        if self._connection is None:
+            raise NotConnected("the room is not connected: await ctx.connect() first")
+        await self._connection.delete_room()
+
+    async def _pump_events(self, poll_timeout: float) -> None:
+        assert self._connection is not None
+        while True:
+            batch: EventBatch = await self._connection.next_events(self._seq, poll_timeout)
+            for event in batch.events:
+                self._seq = max(self._seq, event.seq)
+                self._apply(event)
+            if batch.closed:
+                return
+
+    def _participant(self, info: ParticipantInfo) -> Participant:
+        """The one object for ``info.identity`` (the local participant included), updated in place."""
+        if self._local is not None and info.identity == self._local.identity:
+            self._local._update(info)
+            return self._local
+        participant = self._remote.get(info.identity)
+        if participant is None:
+            participant = self._remote[info.identity] = RemoteParticipant(info)
+        else:
+            participant._update(info)
+        return participant
+
+    def _apply(self, event: RoomEvent) -> None:
+        """Update the facade's state from one backend event, then emit LiveKit's event."""
+        kind = event.type
+        if kind == RoomEventType.PARTICIPANT_CONNECTED and event.participant:
+            self.emit("participant_connected", self._participant(event.participant))
+        elif kind == RoomEventType.PARTICIPANT_DISCONNECTED and event.participant:
+            participant = self._remote.pop(event.participant.identity, None)
+            if participant is not None:
+                self.emit("participant_disconnected", participant)
+        elif kind == RoomEventType.PARTICIPANT_ATTRIBUTES_CHANGED and event.participant:
+            self.emit("participant_attributes_changed", dict(event.changed_attributes),
+                      self._participant(event.participant))
+        elif kind == RoomEventType.PARTICIPANT_METADATA_CHANGED and event.participant:
+            self.emit("participant_metadata_changed", self._participant(event.participant),
+                      event.old_metadata, event.new_metadata)
+        elif kind == RoomEventType.ROOM_METADATA_CHANGED:
+            self._metadata = event.new_metadata
+            self.emit("room_metadata_changed", event.old_metadata, event.new_metadata)
+        elif kind == RoomEventType.DATA_RECEIVED:
+            sender = self._remote.get(event.participant.identity) if event.participant else None
+            packet = rtc.DataPacket(
+                data=event.data or b"", kind=rtc.DataPacketKind.KIND_RELIABLE, participant=sender, topic=event.topic
+            )
+            self.emit("data_received", packet)
+        elif kind == RoomEventType.TEXT_RECEIVED:
+            self._deliver_text(event)
+        elif kind == RoomEventType.DISCONNECTED:
+            self._state = rtc.ConnectionState.CONN_DISCONNECTED
+            self._connection = None
+            self.emit("connection_state_changed", self._state)
+            self.emit("disconnected", event.reason)
+
+    def _deliver_text(self, event: RoomEvent) -> None:
+        handler = self._text_handlers.get(event.topic)
+        if handler is None:
+            logger.debug("ignoring text stream on topic %r: no handler registered", event.topic)
+            return
+        info = rtc.TextStreamInfo(
+            stream_id=event.stream_id, mime_type="text/plain", topic=event.topic,
+            timestamp=int(event.timestamp * 1000), size=len((event.text or "").encode()),
+            attributes={}, attachments=[],
+        )
+        identity = event.participant.identity if event.participant else ""
+        try:
+            result = handler(TextStreamReader(info, event.text or ""), identity)
+        except Exception:
+            logger.exception("text stream handler for topic %r raised", event.topic)
+            return
+        if isinstance(result, Coroutine):
+            supervised_task(result, name=f"text-stream:{event.topic}", logger=logger, tasks=self._tasks)

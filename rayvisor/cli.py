@@ -1,0 +1,336 @@
+"""The ``rayvisor`` command and ``cli.run_app(opts)`` (``python agent.py dev|start|submit ...``)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from typing import Any
+
+import click
+import ray
+from livekit import rtc
+
+from . import logs
+from .agent_loader import load_agent
+from .agents.options import WorkerOptions
+from .errors import InvalidMetadata, RayvisorError, SupervisorUnavailable
+from .messages import JobInfo, JobSpec, Transition
+from .rooms.local import DEFAULT_NAMESPACE
+from .supervisor.client import Client, connect, local_rooms, serve
+
+KINDS = {
+    "standard": rtc.ParticipantKind.PARTICIPANT_KIND_STANDARD,
+    "sip": rtc.ParticipantKind.PARTICIPANT_KIND_SIP,
+    "agent": rtc.ParticipantKind.PARTICIPANT_KIND_AGENT,
+    "ingress": rtc.ParticipantKind.PARTICIPANT_KIND_INGRESS,
+    "egress": rtc.ParticipantKind.PARTICIPANT_KIND_EGRESS,
+}
+EVENT_POLL_TIMEOUT = 1.0
+"""How long one long-poll for lifecycle events waits in ``dev``/``start`` before re-polling."""
+
+
+# --------------------------------------------------------------------------- output
+
+
+def format_transition(t: Transition) -> str:
+    """One line per state transition, as ``dev`` and the demo print them."""
+    clock = datetime.fromtimestamp(t.at).strftime("%H:%M:%S.%f")[:-3]
+    parts = [f"{clock}  job {t.job_id}  {t.state.value:<13} room={t.room}"]
+    if t.cause:
+        parts.append(f"cause={t.cause.value}")
+    if t.reason:
+        parts.append(f"reason={t.reason!r}")
+    if t.pid:
+        parts.append(f"pid={t.pid}")
+    if t.error:
+        parts.append("error=" + t.error.strip().splitlines()[-1])
+    return "  ".join(parts)
+
+
+def format_info(info: JobInfo) -> str:
+    cause = info.cause.value if info.cause else "-"
+    return f"{info.id}  {info.state.value:<13} {cause:<18} room={info.room}  pid={info.pid or '-'}"
+
+
+def _echo_json(value: Any) -> None:
+    click.echo(json.dumps(value, indent=2, default=str))
+
+
+@contextmanager
+def _errors_as_messages() -> Iterator[None]:
+    """Typed errors become a one-line message and a non-zero exit, never a traceback."""
+    try:
+        yield
+    except RayvisorError as err:
+        raise click.ClickException(f"{type(err).__name__}: {err}") from None
+    except ConnectionError as err:
+        raise click.ClickException(
+            f"cannot reach a Ray cluster ({err}); start one with `rayvisor dev AGENT.py` or `ray start --head`"
+        ) from None
+
+
+def follow_lifecycle(client: Client, stop: threading.Event, emit: Callable[[str], None] = click.echo,
+                     after_seq: int = -1) -> int:
+    """Print every job transition as it happens until ``stop`` is set; returns the last seq."""
+    while not stop.is_set():
+        try:
+            events = client.events(after_seq, timeout=EVENT_POLL_TIMEOUT)
+        except SupervisorUnavailable:
+            break
+        for event in events:
+            emit(format_transition(event))
+            after_seq = event.seq
+    return after_seq
+
+
+# --------------------------------------------------------------------------- run modes
+
+
+def _run_worker(opts: WorkerOptions, *, mode: str, address: str | None, namespace: str) -> None:
+    """``dev``/``start``: serve the agent, print lifecycle, and on SIGINT/SIGTERM shut jobs
+    down through the protocol before leaving (and stop Ray if this process started it)."""
+    logs.configure(mode)
+    started_ray = not ray.is_initialized() and address is None
+    client = serve(opts, address=address, namespace=namespace)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    click.echo(f"rayvisor {mode}: agent {opts.agent_name or '(default)'} serving namespace {namespace!r}; "
+               f"submit with `rayvisor submit --room ROOM`; Ctrl-C to stop", err=True)
+    try:
+        follow_lifecycle(client, stop)
+    finally:
+        click.echo("stopping: shutting jobs down through the protocol", err=True)
+        client.stop()
+        if started_ray:
+            ray.shutdown()
+
+
+def _parse_attributes(pairs: tuple[str, ...]) -> dict[str, str]:
+    attributes = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise click.BadParameter(f"{pair!r} is not KEY=VALUE")
+        key, value = pair.split("=", 1)
+        attributes[key] = value
+    return attributes
+
+
+def _check_json(metadata: str) -> str:
+    try:
+        json.loads(metadata)
+    except json.JSONDecodeError as err:
+        raise InvalidMetadata(f"--metadata must be JSON ({err}); use --raw-metadata for free-form text") from None
+    return metadata
+
+
+# --------------------------------------------------------------------------- commands
+
+
+address_option = click.option("--address", default=None, help="Ray address (default: start a local Ray).")
+namespace_option = click.option("--namespace", default=DEFAULT_NAMESPACE, show_default=True,
+                                help="rayvisor namespace (one supervisor per namespace).")
+attach_option = click.option("--address", default="auto", show_default=True, help="Ray address to attach to.")
+
+
+def build_cli(opts: WorkerOptions | None = None) -> click.Group:
+    """The command group; with ``opts`` (``cli.run_app``) ``dev``/``start`` run that agent."""
+
+    @click.group(help="Run LiveKit-Agents-style jobs on a Ray cluster.")
+    def group() -> None:
+        pass
+
+    def worker_command(mode: str, help_text: str) -> None:
+        params = [] if opts is not None else [click.Argument(["agent"])]
+
+        @click.pass_context
+        def run(ctx: click.Context, address: str | None, namespace: str, agent: str | None = None,
+                agent_name: str | None = None) -> None:
+            with _errors_as_messages():
+                loaded = opts if opts is not None else load_agent(agent or "", agent_name=agent_name)
+                _run_worker(loaded, mode=mode, address=address, namespace=namespace)
+
+        command = click.Command(mode, callback=run, help=help_text, params=params)
+        command = address_option(namespace_option(command))
+        if opts is None:
+            command = click.option("--agent-name", default=None, help="Override the agent's name.")(command)
+        group.add_command(command)
+
+    worker_command("dev", "Serve an agent with readable logs, printing each job's lifecycle.")
+    worker_command("start", "Serve an agent in production mode (JSON logs).")
+
+    @group.command(help="Submit a job to a room.")
+    @click.option("--room", required=True, help="Room name (1-256 characters).")
+    @click.option("--metadata", default=None, help="Job metadata, as JSON.")
+    @click.option("--raw-metadata", default=None, help="Job metadata, any text.")
+    @click.option("--agent-name", default=None, help="Agent to dispatch (if several are registered).")
+    @click.option("--wait", "wait_seconds", type=float, default=None, help="Wait this long for the job to end.")
+    @attach_option
+    @namespace_option
+    def submit(room: str, metadata: str | None, raw_metadata: str | None, agent_name: str | None,
+               wait_seconds: float | None, address: str, namespace: str) -> None:
+        with _errors_as_messages():
+            if metadata is not None and raw_metadata is not None:
+                raise click.UsageError("give --metadata or --raw-metadata, not both")
+            text = _check_json(metadata) if metadata is not None else (raw_metadata or "")
+            if opts is not None and agent_name is None:
+                agent_name = opts.agent_name
+            spec = JobSpec(room=room, metadata=text, agent_name=agent_name)
+            client = connect(address, namespace=namespace)
+            job_id = client.submit(spec)
+            click.echo(job_id)
+            if wait_seconds is not None:
+                click.echo(format_info(client.wait(job_id, timeout=wait_seconds)))
+
+    @group.command(help="List jobs.")
+    @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+    @attach_option
+    @namespace_option
+    def jobs(as_json: bool, address: str, namespace: str) -> None:
+        with _errors_as_messages():
+            infos = connect(address, namespace=namespace).list()
+            if as_json:
+                _echo_json([i.model_dump(mode="json") for i in infos])
+            else:
+                for info in infos:
+                    click.echo(format_info(info))
+
+    @group.command(help="Show one job's record.")
+    @click.argument("job_id")
+    @attach_option
+    @namespace_option
+    def status(job_id: str, address: str, namespace: str) -> None:
+        with _errors_as_messages():
+            _echo_json(connect(address, namespace=namespace).status(job_id).model_dump(mode="json"))
+
+    @group.command(help="Shut a job down through the shutdown protocol.")
+    @click.argument("job_id")
+    @click.option("--reason", default="", help="Reason passed to shutdown callbacks.")
+    @click.option("--wait", "wait_seconds", type=float, default=None, help="Wait this long for the job to end.")
+    @attach_option
+    @namespace_option
+    def shutdown(job_id: str, reason: str, wait_seconds: float | None, address: str, namespace: str) -> None:
+        with _errors_as_messages():
+            client = connect(address, namespace=namespace)
+            info = client.shutdown(job_id, reason=reason)
+            if wait_seconds is not None:
+                info = client.wait(job_id, timeout=wait_seconds)
+            click.echo(format_info(info))
+
+    @group.group(help="Simulated participants in the local room backend.")
+    def room() -> None:
+        pass
+
+    @room.command("join", help="Join ROOM as IDENTITY (stays until `room leave`).")
+    @click.argument("room_name")
+    @click.argument("identity")
+    @click.option("--kind", type=click.Choice(sorted(KINDS)), default="standard", show_default=True)
+    @click.option("--attribute", "attributes", multiple=True, help="KEY=VALUE (repeatable).")
+    @click.option("--metadata", default="", help="Participant metadata.")
+    @attach_option
+    @namespace_option
+    def room_join(room_name: str, identity: str, kind: str, attributes: tuple[str, ...], metadata: str,
+                  address: str, namespace: str) -> None:
+        with _errors_as_messages():
+            local_rooms(address, namespace=namespace).join(
+                room_name, identity, kind=KINDS[kind], attributes=_parse_attributes(attributes), metadata=metadata)
+            click.echo(f"{identity} joined {room_name}")
+
+    @room.command("leave", help="IDENTITY leaves ROOM.")
+    @click.argument("room_name")
+    @click.argument("identity")
+    @attach_option
+    @namespace_option
+    def room_leave(room_name: str, identity: str, address: str, namespace: str) -> None:
+        with _errors_as_messages():
+            local_rooms(address, namespace=namespace).participant(room_name, identity).leave()
+            click.echo(f"{identity} left {room_name}")
+
+    @room.command("set-attributes", help="Set IDENTITY's attributes (KEY=VALUE ...; empty value deletes).")
+    @click.argument("room_name")
+    @click.argument("identity")
+    @click.argument("pairs", nargs=-1, required=True)
+    @attach_option
+    @namespace_option
+    def room_set_attributes(room_name: str, identity: str, pairs: tuple[str, ...], address: str,
+                            namespace: str) -> None:
+        with _errors_as_messages():
+            participant = local_rooms(address, namespace=namespace).participant(room_name, identity)
+            participant.set_attributes(_parse_attributes(pairs))
+
+    @room.command("send", help="IDENTITY sends TEXT to the room.")
+    @click.argument("room_name")
+    @click.argument("identity")
+    @click.argument("text")
+    @click.option("--topic", default="", help="Text stream topic.")
+    @attach_option
+    @namespace_option
+    def room_send(room_name: str, identity: str, text: str, topic: str, address: str, namespace: str) -> None:
+        with _errors_as_messages():
+            local_rooms(address, namespace=namespace).participant(room_name, identity).send_text(text, topic=topic)
+
+    @room.command("messages", help="What IDENTITY received: SENDER [TOPIC] TEXT per line.")
+    @click.argument("room_name")
+    @click.argument("identity")
+    @attach_option
+    @namespace_option
+    def room_messages(room_name: str, identity: str, address: str, namespace: str) -> None:
+        with _errors_as_messages():
+            for sender, topic, payload in local_rooms(address, namespace=namespace).participant(
+                    room_name, identity).messages():
+                click.echo(f"{sender} [{topic}] {payload!r}" if isinstance(payload, bytes) else f"{sender} [{topic}] {payload}")
+
+    @room.command("participants", help="List ROOM's participants.")
+    @click.argument("room_name")
+    @attach_option
+    @namespace_option
+    def room_participants(room_name: str, address: str, namespace: str) -> None:
+        with _errors_as_messages():
+            for info in local_rooms(address, namespace=namespace).participants(room_name):
+                kind = rtc.ParticipantKind.Name(info.kind).removeprefix("PARTICIPANT_KIND_").lower()
+                click.echo(f"{info.identity}  kind={kind}  attributes={info.attributes}")
+
+    @room.command("delete", help="Delete ROOM (disconnects everyone; its jobs end with room_deleted).")
+    @click.argument("room_name")
+    @attach_option
+    @namespace_option
+    def room_delete(room_name: str, address: str, namespace: str) -> None:
+        with _errors_as_messages():
+            local_rooms(address, namespace=namespace).delete_room(room_name)
+
+    @group.command(help="Run the built-in simulated session on a local Ray and exit.")
+    @click.option("--shutdown-timeout", type=float, default=1.0, show_default=True,
+                  help="Shutdown budget of the demo's misbehaving job.")
+    def demo(shutdown_timeout: float) -> None:
+        from .demo import run_demo
+
+        with _errors_as_messages():
+            sys.exit(run_demo(hang_budget=shutdown_timeout))
+
+    return group
+
+
+def run_app(opts: WorkerOptions) -> None:
+    """``python agent.py dev|start|submit|jobs|status|shutdown|room ...`` for this agent."""
+    build_cli(opts)(prog_name=sys.argv[0] if sys.argv else "agent")
+
+
+def main() -> None:
+    """Entry point of the ``rayvisor`` console script."""
+    logging.basicConfig(level=logging.WARNING)
+    build_cli()(prog_name="rayvisor")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""Every error rayvisor raises to its callers.
+
+Errors cross process boundaries as ``ErrorRecord`` messages (code + message) and are
+re-raised on the caller's side as these types, never as ``ray.exceptions.RayTaskError``.
+"""
+
+from __future__ import annotations
+
+
+class RayvisorError(Exception):
+    """Base of every rayvisor error. ``code`` names the error on the wire."""
+
+    code = "rayvisor_error"
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class InvalidJobSpec(RayvisorError, ValueError):
+    """A job spec failed validation (room name, metadata, agent name ...)."""
+
+    code = "invalid_job_spec"
+
+
+class MetadataTooLarge(InvalidJobSpec):
+    """Job metadata is larger than the supervisor's ``max_metadata_bytes``."""
+
+    code = "metadata_too_large"
+
+
+class InvalidMetadata(InvalidJobSpec):
+    """Metadata that must be JSON (CLI ``--metadata``) is not valid JSON."""
+
+    code = "invalid_metadata"
+
+
+class UnknownAgent(RayvisorError, LookupError):
+    """No agent with the requested ``agent_name`` is registered with the supervisor."""
+
+    code = "unknown_agent"
+
+
+class InvalidAgent(RayvisorError, TypeError):
+    """``WorkerOptions`` describe an agent that cannot run (e.g. a sync entrypoint)."""
+
+    code = "invalid_agent"
+
+
+class AgentLoadError(RayvisorError, ImportError):
+    """An agent file or import path could not be loaded."""
+
+    code = "agent_load_error"
+
+
+class JobNotFound(RayvisorError, KeyError):
+    """No job with this id is known to the supervisor."""
+
+    code = "job_not_found"
+
+
+class MessageError(RayvisorError, ValueError):
+    """A control-plane message is malformed: not msgpack, wrong shape or wrong types."""
+
+    code = "malformed_message"
+
+
+class UnsupportedVersion(MessageError):
+    """A control-plane message carries a protocol version this build does not speak."""
+
+    code = "unsupported_version"
+
+
+class WaitTimeout(RayvisorError, TimeoutError):
+    """A bounded wait (``client.wait``, ``wait_for_messages``) ran out of time."""
+
+    code = "wait_timeout"
+
+
+class SupervisorNotFound(RayvisorError, LookupError):
+    """No supervisor is running in the namespace; start one with ``rayvisor.serve``."""
+
+    code = "supervisor_not_found"
+
+
+class SupervisorUnavailable(RayvisorError, ConnectionError):
+    """The supervisor did not answer within ``call_timeout``."""
+
+    code = "supervisor_unavailable"
+
+
+class RoomError(RayvisorError):
+    """A room operation failed."""
+
+    code = "room_error"
+
+
+class InvalidRoomRequest(RoomError, ValueError):
+    """A room request is malformed (empty identity, oversized payload, bad attributes)."""
+
+    code = "invalid_room_request"
+
+
+class RoomNotFound(RoomError, LookupError):
+    """The room does not exist (never created, or deleted)."""
+
+    code = "room_not_found"
+
+
+class ParticipantNotFound(RoomError, LookupError):
+    """The participant is not (or no longer) in the room."""
+
+    code = "participant_not_found"
+
+
+class NotConnected(RoomError, RuntimeError):
+    """The job's room is not connected; call ``await ctx.connect()`` first."""
+
+    code = "not_connected"
+
+
+class LiveKitNotConfigured(RayvisorError, RuntimeError):
+    """A LiveKit-only feature was used while the job runs on the local room backend."""
+
+    code = "livekit_not_configured"
+
+
+_BY_CODE: dict[str, type[RayvisorError]] = {}
+
+
+def _register(cls: type[RayvisorError]) -> None:
+    _BY_CODE[cls.code] = cls
+    for sub in cls.__subclasses__():
+        _register(sub)
+
+
+_register(RayvisorError)
+
+
+def error_from_code(code: str, message: str) -> RayvisorError:
+    """Rebuild the typed error named by ``code`` (unknown codes become ``RayvisorError``)."""
+    return _BY_CODE.get(code, RayvisorError)(message)

@@ -1,0 +1,361 @@
+"""Versioned msgpack records: the only thing that crosses the control plane.
+
+Every message is an envelope ``{"v": PROTOCOL_VERSION, "type": <record name>, "body": {...}}``
+packed with msgpack. Records are pydantic models in strict mode, so a decoded message is
+validated field by field at the boundary; anything else is a typed ``MessageError``.
+User objects are never pickled onto the control plane.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from typing import Any, ClassVar, TypeVar
+
+import msgpack
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import (
+    InvalidJobSpec,
+    MessageError,
+    RayvisorError,
+    UnsupportedVersion,
+    error_from_code,
+)
+
+PROTOCOL_VERSION = 1
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+"""Hard ceiling for any control-plane message; larger input is refused before decoding."""
+
+MAX_ROOM_NAME_CHARS = 256
+MAX_IDENTITY_CHARS = 256
+
+
+class Record(BaseModel):
+    """Base of every control-plane record: immutable, strict, no unknown fields."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+    invalid_error: ClassVar[type[RayvisorError]] = MessageError
+
+    @classmethod
+    def build(cls, **fields: Any) -> "Record":
+        """Construct and validate, raising the record's typed error instead of pydantic's."""
+        try:
+            return cls(**fields)
+        except ValidationError as err:
+            raise cls.invalid_error(_describe(cls, err)) from None
+
+
+R = TypeVar("R", bound=Record)
+_REGISTRY: dict[str, type[Record]] = {}
+
+
+def register(cls: type[R]) -> type[R]:
+    """Make a record type decodable from the wire."""
+    _REGISTRY[cls.__name__] = cls
+    return cls
+
+
+def _describe(cls: type[Record], err: ValidationError) -> str:
+    parts = []
+    for item in err.errors():
+        where = ".".join(str(p) for p in item["loc"]) or "(record)"
+        parts.append(f"{where}: {item['msg']}")
+    return f"invalid {cls.__name__}: " + "; ".join(parts)
+
+
+def encode(record: Record) -> bytes:
+    """Pack a record into a versioned msgpack envelope."""
+    body = record.model_dump(mode="python")
+    return msgpack.packb(
+        {"v": PROTOCOL_VERSION, "type": type(record).__name__, "body": body},
+        default=_pack_default,
+        use_bin_type=True,
+    )
+
+
+def _pack_default(value: Any) -> Any:
+    if isinstance(value, enum.Enum):
+        return value.value
+    raise TypeError(f"cannot pack {type(value).__name__}")
+
+
+def decode(data: Any, *expected: type[R]) -> R:
+    """Unpack and validate one envelope; its type must be one of ``expected``.
+
+    Raises ``MessageError`` (or the record's own ``invalid_error``) for anything that is
+    not a well-formed record of an expected type, ``UnsupportedVersion`` for other versions.
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise MessageError(f"expected msgpack bytes, got {type(data).__name__}")
+    if len(data) > MAX_MESSAGE_BYTES:
+        raise MessageError(f"message of {len(data)} bytes exceeds {MAX_MESSAGE_BYTES}")
+    try:
+        envelope = msgpack.unpackb(data, raw=False, strict_map_key=True, max_bin_len=MAX_MESSAGE_BYTES)
+    except Exception as err:  # msgpack raises several unrelated types for garbage
+        raise MessageError(f"not a msgpack message: {type(err).__name__}: {err}") from None
+    if not isinstance(envelope, dict) or set(envelope) != {"v", "type", "body"}:
+        raise MessageError("not a rayvisor envelope (expected keys v, type, body)")
+    if envelope["v"] != PROTOCOL_VERSION:
+        raise UnsupportedVersion(
+            f"message version {envelope['v']!r} is not supported (this build speaks {PROTOCOL_VERSION})"
+        )
+    cls = _REGISTRY.get(envelope["type"]) if isinstance(envelope["type"], str) else None
+    if cls is None or (expected and cls not in expected):
+        names = ", ".join(c.__name__ for c in expected) or "a known record"
+        raise MessageError(f"unexpected message type {envelope['type']!r}; expected {names}")
+    if not isinstance(envelope["body"], dict):
+        raise MessageError(f"{cls.__name__} body must be a map")
+    try:
+        return cls.model_validate(envelope["body"])  # type: ignore[return-value]
+    except ValidationError as err:
+        raise cls.invalid_error(_describe(cls, err)) from None
+
+
+# --------------------------------------------------------------------------- errors
+
+
+@register
+class ErrorRecord(Record):
+    """A typed error travelling back to a caller."""
+
+    code: str
+    message: str
+
+    @classmethod
+    def of(cls, err: RayvisorError) -> "ErrorRecord":
+        return cls(code=err.code, message=err.message)
+
+    def to_exception(self) -> RayvisorError:
+        return error_from_code(self.code, self.message)
+
+
+def decode_reply(data: Any, *expected: type[R]) -> R:
+    """Decode a reply that is either one of ``expected`` or an ``ErrorRecord`` (re-raised)."""
+    record = decode(data, ErrorRecord, *(expected or (Ack,)))
+    if isinstance(record, ErrorRecord):
+        raise record.to_exception()
+    return record  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------- jobs
+
+
+class JobState(str, enum.Enum):
+    """The job state machine of DESIGN.md."""
+
+    PENDING = "PENDING"
+    STARTING = "STARTING"
+    RUNNING = "RUNNING"
+    SHUTTING_DOWN = "SHUTTING_DOWN"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    KILLED = "KILLED"
+    REJECTED = "REJECTED"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in TERMINAL_STATES
+
+
+TERMINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.KILLED, JobState.REJECTED})
+
+
+class Cause(str, enum.Enum):
+    """Why a job ended (or is ending)."""
+
+    USER_SHUTDOWN = "user_shutdown"
+    ROOM_EMPTY = "room_empty"
+    ROOM_DELETED = "room_deleted"
+    ROOM_DISCONNECTED = "room_disconnected"
+    ENTRYPOINT_ERROR = "entrypoint_error"
+    SHUTDOWN_TIMEOUT = "shutdown_timeout"
+    START_FAILED = "start_failed"
+    ACTOR_CRASHED = "actor_crashed"
+    SUPERVISOR_STOPPED = "supervisor_stopped"
+
+
+
+@register
+class JobSpec(Record):
+    """What to run: an agent in a room. ``rayvisor.JobSpec(room=..., metadata=...)``."""
+
+    invalid_error: ClassVar[type[RayvisorError]] = InvalidJobSpec
+
+    room: str = Field(min_length=1, max_length=MAX_ROOM_NAME_CHARS)
+    metadata: str = ""
+    agent_name: str | None = None
+    dispatch_id: str = ""
+
+    def __init__(self, **fields: Any) -> None:
+        try:
+            super().__init__(**fields)
+        except ValidationError as err:
+            raise InvalidJobSpec(_describe(type(self), err)) from None
+
+
+@register
+class JobStart(Record):
+    """Supervisor -> job actor: start this job."""
+
+    job_id: str
+    room: str
+    metadata: str
+    agent_name: str
+    dispatch_id: str
+    worker_id: str
+    identity: str
+
+
+@register
+class JobStarted(Record):
+    """Job actor -> supervisor: the entrypoint is running in this process."""
+
+    pid: int
+    node_id: str
+
+
+@register
+class ShutdownRequest(Record):
+    """Supervisor -> job actor: begin the shutdown protocol."""
+
+    cause: Cause = Field(strict=False)
+    reason: str = ""
+
+
+@register
+class ShutdownStarted(Record):
+    """Job actor -> supervisor: the job began shutting down on its own (ctx.shutdown,
+    room empty or deleted, entrypoint error); the supervisor starts the deadline."""
+
+    job_id: str
+    cause: Cause = Field(strict=False)
+    reason: str = ""
+    error: str | None = None
+
+
+@register
+class ParticipantsChanged(Record):
+    """Job actor -> supervisor: the remote participants the job currently sees."""
+
+    job_id: str
+    identities: list[str]
+
+
+@register
+class JobOutcome(Record):
+    """Job actor -> supervisor: the shutdown protocol completed."""
+
+    state: JobState = Field(strict=False)
+    cause: Cause = Field(strict=False)
+    reason: str = ""
+    error: str | None = None
+
+
+@register
+class JobInfo(Record):
+    """A job's record as the supervisor keeps it. Returned by status, list and wait."""
+
+    id: str
+    state: JobState = Field(strict=False)
+    room: str
+    agent_name: str
+    metadata: str = ""
+    cause: Cause | None = Field(default=None, strict=False)
+    reason: str = ""
+    error: str | None = None
+    pid: int | None = None
+    node_id: str | None = None
+    restarts: int = 0
+    participants: list[str] = []
+    timestamps: dict[str, float] = {}
+    """Wall-clock time (``time.time()``) at which the job entered each state, by state name."""
+
+    def entered(self, state: JobState) -> float | None:
+        """When the job entered ``state``, or None if it never did."""
+        return self.timestamps.get(state.value)
+
+
+@register
+class JobList(Record):
+    jobs: list[JobInfo]
+
+
+@register
+class JobIdRequest(Record):
+    job_id: str
+
+
+@register
+class ShutdownJobRequest(Record):
+    job_id: str
+    reason: str = ""
+
+
+@register
+class WaitRequest(Record):
+    job_id: str
+    timeout: float = Field(ge=0)
+
+
+@register
+class Transition(Record):
+    """One state transition, as streamed to ``rayvisor dev`` and ``client.events``."""
+
+    seq: int
+    job_id: str
+    state: JobState = Field(strict=False)
+    room: str
+    at: float
+    cause: Cause | None = Field(default=None, strict=False)
+    reason: str = ""
+    error: str | None = None
+    node_id: str | None = None
+    pid: int | None = None
+
+
+@register
+class EventsRequest(Record):
+    after_seq: int = Field(ge=-1)
+    timeout: float = Field(ge=0)
+
+
+@register
+class TransitionList(Record):
+    events: list[Transition]
+
+
+@register
+class Ack(Record):
+    """An empty successful reply."""
+
+
+def now() -> float:
+    """Wall-clock timestamp used in every record."""
+    return time.time()
+
+
+
+def endpoint(request_type: type[R]):
+    """Decorate an async actor method ``(self, request: R) -> Record`` to speak bytes.
+
+    The wire method takes encoded bytes and returns encoded bytes: malformed input and
+    every ``RayvisorError`` the handler raises come back as an ``ErrorRecord``, so a bad
+    caller can never crash the actor or see a ``RayTaskError``.
+    """
+
+    def wrap(handler):
+        async def method(self, data: bytes) -> bytes:
+            try:
+                request = decode(data, request_type)
+                reply = await handler(self, request)
+            except RayvisorError as err:
+                return encode(ErrorRecord.of(err))
+            return encode(reply if reply is not None else Ack())
+
+        method.__name__ = handler.__name__
+        method.__qualname__ = handler.__qualname__
+        method.__doc__ = handler.__doc__
+        return method
+
+    return wrap

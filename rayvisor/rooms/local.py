@@ -1,0 +1,486 @@
+"""The embedded room backend: rooms held by one named Ray actor.
+
+For demos, tests and simulations without a LiveKit server. The room server is a
+detached, named async actor pinned to the node of the driver that created it (the
+head), so losing a worker node never loses the rooms. Every call is a msgpack record;
+malformed or oversized requests get a typed error and change nothing.
+
+Participants pull their events (long-poll on ``poll``) from a bounded per-connection
+inbox, which keeps the server free of callbacks into job actors whose loops may be blocked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+import uuid
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+from livekit import rtc
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from ..errors import InvalidRoomRequest, ParticipantNotFound, RoomNotFound, WaitTimeout
+from ..messages import Record, decode_reply, encode, endpoint
+from .records import (
+    EventBatch,
+    JoinRequest,
+    MessagesRequest,
+    ParticipantInfo,
+    ParticipantList,
+    ParticipantRef,
+    PollRequest,
+    ReceivedMessage,
+    ReceivedMessages,
+    RoomEvent,
+    RoomEventType,
+    RoomMetadataRequest,
+    RoomNames,
+    RoomRequest,
+    RoomSnapshot,
+    SendRequest,
+    SetAttributesRequest,
+    SetMetadataRequest,
+)
+
+ROOM_SERVER_NAME = "rayvisor-rooms"
+DEFAULT_NAMESPACE = "rayvisor"
+
+
+@dataclass(frozen=True)
+class LocalRoomSettings:
+    """Limits of the embedded room server."""
+
+    max_payload_bytes: int = 64 * 1024
+    """Largest text or data message a participant may send."""
+    max_attributes_bytes: int = 64 * 1024
+    """Largest total size of a participant's attributes (keys + values)."""
+    max_inbox_events: int = 10_000
+    """Events kept per connection; the oldest are dropped past this."""
+    max_closed_connections: int = 1_024
+    """Ended connections kept so their owners can read their last events and messages."""
+    max_poll_timeout: float = 30.0
+    """Longest a single ``poll`` call may wait; callers loop."""
+
+
+class _Connection:
+    """One participant's presence in a room and its inbox of events."""
+
+    def __init__(self, room: str, info: ParticipantInfo, max_events: int) -> None:
+        self.id = uuid.uuid4().hex
+        self.room = room
+        self.info = info
+        self.events: deque[RoomEvent] = deque(maxlen=max_events)
+        self.messages: deque[ReceivedMessage] = deque(maxlen=max_events)
+        self.closed = False
+        self._seq = itertools.count(1)
+        self._changed = asyncio.Event()
+
+    def push(self, type_: RoomEventType, **fields: Any) -> None:
+        if self.closed:
+            return
+        event = RoomEvent(seq=next(self._seq), type=type_, timestamp=time.time(), **fields)
+        self.events.append(event)
+        if type_ in (RoomEventType.DATA_RECEIVED, RoomEventType.TEXT_RECEIVED):
+            sender = event.participant.identity if event.participant else ""
+            self.messages.append(
+                ReceivedMessage(sender=sender, topic=event.topic, text=event.text, data=event.data)
+            )
+        self._wake()
+
+    def close(self, reason: int) -> None:
+        self.push(RoomEventType.DISCONNECTED, reason=reason)
+        self.closed = True
+        self._wake()
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def wait_changed(self, timeout: float) -> None:
+        try:
+            await asyncio.wait_for(self._changed.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
+
+    def events_after(self, seq: int) -> list[RoomEvent]:
+        return [e for e in self.events if e.seq > seq]
+
+
+@dataclass
+class _Room:
+    name: str
+    metadata: str = ""
+    participants: dict[str, _Connection] = field(default_factory=dict)
+
+
+@ray.remote(num_cpus=0, max_restarts=-1)
+class LocalRoomServer:
+    """Holds every local room; see the module docstring."""
+
+    def __init__(self, settings: LocalRoomSettings | None = None) -> None:
+        self._settings = settings or LocalRoomSettings()
+        self._rooms: dict[str, _Room] = {}
+        self._connections: dict[str, _Connection] = {}
+        self._closed: OrderedDict[str, _Connection] = OrderedDict()
+
+    # -- helpers ---------------------------------------------------------------------
+
+    def _room(self, name: str) -> _Room:
+        room = self._rooms.get(name)
+        if room is None:
+            raise RoomNotFound(f"room {name!r} does not exist")
+        return room
+
+    def _participant(self, who: ParticipantRef) -> _Connection:
+        conn = self._room(who.room).participants.get(who.identity)
+        if conn is None:
+            raise ParticipantNotFound(f"{who.identity!r} is not in room {who.room!r}")
+        return conn
+
+    def _connection(self, connection_id: str) -> _Connection:
+        conn = self._connections.get(connection_id) or self._closed.get(connection_id)
+        if conn is None:
+            raise ParticipantNotFound(f"unknown connection {connection_id!r}")
+        return conn
+
+    def _check_attributes(self, attributes: dict[str, str]) -> None:
+        size = sum(len(k.encode()) + len(v.encode()) for k, v in attributes.items())
+        if size > self._settings.max_attributes_bytes:
+            raise InvalidRoomRequest(
+                f"attributes of {size} bytes exceed max_attributes_bytes={self._settings.max_attributes_bytes}"
+            )
+
+    def _broadcast(self, room: _Room, sender: str | None, type_: RoomEventType, **fields: Any) -> None:
+        for identity, conn in room.participants.items():
+            if identity != sender:
+                conn.push(type_, **fields)
+
+    def _end(self, room: _Room, conn: _Connection, reason: int) -> None:
+        """Remove ``conn`` from ``room``, tell the others, and keep its inbox readable."""
+        room.participants.pop(conn.info.identity, None)
+        conn.close(reason)
+        self._connections.pop(conn.id, None)
+        self._closed[conn.id] = conn
+        while len(self._closed) > self._settings.max_closed_connections:
+            self._closed.popitem(last=False)
+        self._broadcast(room, None, RoomEventType.PARTICIPANT_DISCONNECTED, participant=conn.info)
+
+    # -- endpoints -------------------------------------------------------------------
+
+    @endpoint(JoinRequest)
+    async def join(self, request: JoinRequest) -> RoomSnapshot:
+        """Join (creating the room if needed). A second join with the same identity
+        replaces the first, which is disconnected with DUPLICATE_IDENTITY (as LiveKit does)."""
+        self._check_attributes(request.participant.attributes)
+        room = self._rooms.setdefault(request.room, _Room(name=request.room))
+        previous = room.participants.get(request.participant.identity)
+        if previous is not None:
+            self._end(room, previous, rtc.DisconnectReason.DUPLICATE_IDENTITY)
+        conn = _Connection(request.room, request.participant, self._settings.max_inbox_events)
+        others = [c.info for c in room.participants.values()]
+        self._broadcast(room, None, RoomEventType.PARTICIPANT_CONNECTED, participant=conn.info)
+        room.participants[conn.info.identity] = conn
+        self._connections[conn.id] = conn
+        return RoomSnapshot(
+            room=room.name, metadata=room.metadata, connection_id=conn.id, local=conn.info, participants=others
+        )
+
+    @endpoint(ParticipantRef)
+    async def leave(self, request: ParticipantRef) -> None:
+        """Leave the room (CLIENT_INITIATED)."""
+        conn = self._participant(request)
+        self._end(self._rooms[request.room], conn, rtc.DisconnectReason.CLIENT_INITIATED)
+
+    @endpoint(SetAttributesRequest)
+    async def set_attributes(self, request: SetAttributesRequest) -> None:
+        """Merge attributes (an empty value deletes the key, as in LiveKit)."""
+        conn = self._participant(request.who)
+        merged = {**conn.info.attributes, **request.attributes}
+        merged = {k: v for k, v in merged.items() if v != ""}
+        self._check_attributes(merged)
+        changed = {k: v for k, v in request.attributes.items() if conn.info.attributes.get(k, "") != v}
+        conn.info = conn.info.model_copy(update={"attributes": merged})
+        if changed:
+            room = self._rooms[request.who.room]
+            self._broadcast(
+                room, None, RoomEventType.PARTICIPANT_ATTRIBUTES_CHANGED,
+                participant=conn.info, changed_attributes=changed,
+            )
+
+    @endpoint(SetMetadataRequest)
+    async def set_metadata(self, request: SetMetadataRequest) -> None:
+        conn = self._participant(request.who)
+        old = conn.info.metadata
+        conn.info = conn.info.model_copy(update={"metadata": request.metadata})
+        self._broadcast(
+            self._rooms[request.who.room], None, RoomEventType.PARTICIPANT_METADATA_CHANGED,
+            participant=conn.info, old_metadata=old, new_metadata=request.metadata,
+        )
+
+    @endpoint(SendRequest)
+    async def send(self, request: SendRequest) -> None:
+        """Deliver text (as a text stream) or bytes (as a data packet) to the others."""
+        if (request.text is None) == (request.data is None):
+            raise InvalidRoomRequest("send exactly one of text or data")
+        size = len(request.text.encode()) if request.text is not None else len(request.data or b"")
+        if size > self._settings.max_payload_bytes:
+            raise InvalidRoomRequest(
+                f"payload of {size} bytes exceeds max_payload_bytes={self._settings.max_payload_bytes}"
+            )
+        sender = self._participant(request.who)
+        room = self._rooms[request.who.room]
+        type_ = RoomEventType.TEXT_RECEIVED if request.text is not None else RoomEventType.DATA_RECEIVED
+        targets = set(request.destination_identities)
+        stream_id = uuid.uuid4().hex if request.text is not None else ""
+        for identity, conn in room.participants.items():
+            if identity == sender.info.identity or (targets and identity not in targets):
+                continue
+            conn.push(
+                type_, participant=sender.info, topic=request.topic,
+                text=request.text, data=request.data, stream_id=stream_id,
+            )
+
+    @endpoint(PollRequest)
+    async def poll(self, request: PollRequest) -> EventBatch:
+        """Events after ``after_seq``; waits up to ``timeout`` if there are none yet."""
+        conn = self._connection(request.connection_id)
+        timeout = min(request.timeout, self._settings.max_poll_timeout)
+        if not conn.events_after(request.after_seq) and not conn.closed and timeout > 0:
+            await conn.wait_changed(timeout)
+        return EventBatch(events=conn.events_after(request.after_seq), closed=conn.closed)
+
+    @endpoint(MessagesRequest)
+    async def messages(self, request: MessagesRequest) -> ReceivedMessages:
+        """Text and data the connection received (optionally waiting for ``count`` on ``topic``)."""
+        conn = self._connection(request.connection_id)
+        deadline = time.monotonic() + min(request.timeout, self._settings.max_poll_timeout)
+
+        def matching() -> list[ReceivedMessage]:
+            return [m for m in conn.messages if request.topic is None or m.topic == request.topic]
+
+        while len(matching()) < request.count and not conn.closed:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise WaitTimeout(
+                    f"{conn.info.identity!r} received {len(matching())} of {request.count} messages"
+                    f" on topic {request.topic!r} within {request.timeout}s"
+                )
+            await conn.wait_changed(remaining)
+        return ReceivedMessages(messages=matching())
+
+    @endpoint(RoomMetadataRequest)
+    async def create_room(self, request: RoomMetadataRequest) -> None:
+        """Create a room (idempotent); sets its metadata if it is new."""
+        self._rooms.setdefault(request.room, _Room(name=request.room, metadata=request.metadata))
+
+    @endpoint(RoomMetadataRequest)
+    async def set_room_metadata(self, request: RoomMetadataRequest) -> None:
+        room = self._room(request.room)
+        old, room.metadata = room.metadata, request.metadata
+        self._broadcast(room, None, RoomEventType.ROOM_METADATA_CHANGED, old_metadata=old, new_metadata=request.metadata)
+
+    @endpoint(RoomRequest)
+    async def delete_room(self, request: RoomRequest) -> None:
+        """Delete the room: every participant is disconnected with ROOM_DELETED."""
+        room = self._room(request.room)
+        del self._rooms[request.room]
+        for conn in list(room.participants.values()):
+            room.participants.pop(conn.info.identity, None)
+            conn.close(rtc.DisconnectReason.ROOM_DELETED)
+            self._connections.pop(conn.id, None)
+            self._closed[conn.id] = conn
+
+    @endpoint(ParticipantRef)
+    async def describe(self, request: ParticipantRef) -> RoomSnapshot:
+        """The room as an existing participant sees it (no join)."""
+        conn = self._participant(request)
+        room = self._rooms[request.room]
+        others = [c.info for c in room.participants.values() if c is not conn]
+        return RoomSnapshot(
+            room=room.name, metadata=room.metadata, connection_id=conn.id, local=conn.info, participants=others
+        )
+
+    @endpoint(RoomRequest)
+    async def participants(self, request: RoomRequest) -> ParticipantList:
+        return ParticipantList(participants=[c.info for c in self._room(request.room).participants.values()])
+
+    @endpoint(RoomRequest)
+    async def rooms(self, request: RoomRequest) -> RoomNames:
+        """Names of all rooms (the request's room name is ignored)."""
+        return RoomNames(names=sorted(self._rooms))
+
+
+# --------------------------------------------------------------------------- access
+
+
+def room_server(namespace: str = DEFAULT_NAMESPACE, *, create: bool = False,
+                settings: LocalRoomSettings | None = None) -> Any:
+    """The namespace's room server; created on this driver's node when ``create``."""
+    if create:
+        return LocalRoomServer.options(
+            name=ROOM_SERVER_NAME,
+            namespace=namespace,
+            lifetime="detached",
+            get_if_exists=True,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(
+                node_id=ray.get_runtime_context().get_node_id(), soft=False
+            ),
+        ).remote(settings)
+    try:
+        return ray.get_actor(ROOM_SERVER_NAME, namespace=namespace)
+    except ValueError:
+        raise RoomNotFound(
+            f"no local room server in namespace {namespace!r}; start one with rayvisor.serve() or rayvisor.local_rooms()"
+        ) from None
+
+
+class LocalRoomConnection:
+    """A job's connection to a local room (the ``RoomConnection`` of this backend)."""
+
+    def __init__(self, namespace: str = DEFAULT_NAMESPACE, *, call_timeout: float = 10.0) -> None:
+        self._namespace = namespace
+        self._call_timeout = call_timeout
+        self._server: Any = None
+        self._who: ParticipantRef | None = None
+        self._connection_id = ""
+
+    async def _call(self, method: str, request: Record, *reply: type, timeout: float | None = None) -> Any:
+        ref = getattr(self._server, method).remote(encode(request))
+        data = await asyncio.wait_for(ref, timeout if timeout is not None else self._call_timeout)
+        return decode_reply(data, *reply)
+
+    async def connect(self, room: str, local: ParticipantInfo) -> RoomSnapshot:
+        self._server = room_server(self._namespace)
+        snapshot = await self._call("join", JoinRequest(room=room, participant=local), RoomSnapshot)
+        self._who = ParticipantRef(room=room, identity=local.identity)
+        self._connection_id = snapshot.connection_id
+        return snapshot
+
+    async def next_events(self, after_seq: int, timeout: float) -> EventBatch:
+        request = PollRequest(connection_id=self._connection_id, after_seq=after_seq, timeout=timeout)
+        return await self._call("poll", request, EventBatch, timeout=timeout + self._call_timeout)
+
+    async def set_attributes(self, attributes: dict[str, str]) -> None:
+        await self._call("set_attributes", SetAttributesRequest(who=self._who, attributes=attributes))
+
+    async def set_metadata(self, metadata: str) -> None:
+        await self._call("set_metadata", SetMetadataRequest(who=self._who, metadata=metadata))
+
+    async def send(self, *, topic: str, text: str | None, data: bytes | None,
+                   destination_identities: list[str]) -> None:
+        request = SendRequest(
+            who=self._who, topic=topic, text=text, data=data, destination_identities=destination_identities
+        )
+        await self._call("send", request)
+
+    async def disconnect(self) -> None:
+        if self._who is None:
+            return
+        who, self._who = self._who, None
+        try:
+            await self._call("leave", who)
+        except (ParticipantNotFound, RoomNotFound):
+            pass  # already gone: replaced, or the room was deleted
+
+    async def delete_room(self) -> None:
+        if self._who is None:
+            raise RoomNotFound("not connected to a room")
+        await self._call("delete_room", RoomRequest(room=self._who.room))
+
+
+# --------------------------------------------------------------------------- drivers
+
+
+class LocalParticipant:
+    """A simulated participant, driven synchronously from a driver (tests, demos, CLI)."""
+
+    def __init__(self, rooms: "LocalRooms", room: str, identity: str, connection_id: str) -> None:
+        self._rooms = rooms
+        self.room = room
+        self.identity = identity
+        self.connection_id = connection_id
+
+    @property
+    def _who(self) -> ParticipantRef:
+        return ParticipantRef(room=self.room, identity=self.identity)
+
+    def set_attributes(self, attributes: dict[str, str]) -> None:
+        self._rooms._call("set_attributes", SetAttributesRequest(who=self._who, attributes=attributes))
+
+    def set_metadata(self, metadata: str) -> None:
+        self._rooms._call("set_metadata", SetMetadataRequest(who=self._who, metadata=metadata))
+
+    def send_text(self, text: str, *, topic: str = "", destination_identities: list[str] | None = None) -> None:
+        self._rooms._call("send", SendRequest(
+            who=self._who, topic=topic, text=text, destination_identities=destination_identities or []))
+
+    def publish_data(self, payload: bytes | str, *, topic: str = "",
+                     destination_identities: list[str] | None = None) -> None:
+        data = payload.encode() if isinstance(payload, str) else payload
+        self._rooms._call("send", SendRequest(
+            who=self._who, topic=topic, data=data, destination_identities=destination_identities or []))
+
+    def messages(self) -> list[tuple[str, str, str | bytes]]:
+        """Everything this participant received so far: ``(sender_identity, topic, text_or_bytes)``."""
+        return self.wait_for_messages(0)
+
+    def wait_for_messages(self, count: int, *, topic: str | None = None,
+                          timeout: float = 10.0) -> list[tuple[str, str, str | bytes]]:
+        """Wait until ``count`` messages (on ``topic``, if given) arrived; ``WaitTimeout`` otherwise."""
+        reply = self._rooms._call(
+            "messages",
+            MessagesRequest(connection_id=self.connection_id, count=count, topic=topic, timeout=timeout),
+            ReceivedMessages,
+            timeout=timeout + self._rooms.call_timeout,
+        )
+        return [(m.sender, m.topic, m.payload) for m in reply.messages]
+
+    def leave(self) -> None:
+        self._rooms._call("leave", self._who)
+
+
+class LocalRooms:
+    """Driver-side access to the local room backend: ``rayvisor.local_rooms()``."""
+
+    def __init__(self, namespace: str = DEFAULT_NAMESPACE, *, call_timeout: float = 10.0) -> None:
+        self.namespace = namespace
+        self.call_timeout = call_timeout
+        self._server = room_server(namespace, create=True)
+
+    def _call(self, method: str, request: Record, *reply: type, timeout: float | None = None) -> Any:
+        ref = getattr(self._server, method).remote(encode(request))
+        return decode_reply(ray.get(ref, timeout=timeout or self.call_timeout), *reply)
+
+    def join(self, room: str, identity: str, *, kind: int = rtc.ParticipantKind.PARTICIPANT_KIND_STANDARD,
+             name: str = "", attributes: dict[str, str] | None = None, metadata: str = "") -> LocalParticipant:
+        """Join ``room`` as a simulated participant (the room is created if needed)."""
+        info = ParticipantInfo.build(
+            identity=identity, name=name or identity, kind=kind, attributes=attributes or {}, metadata=metadata
+        )
+        request = JoinRequest.build(room=room, participant=info)
+        snapshot = self._call("join", request, RoomSnapshot)
+        return LocalParticipant(self, room, identity, snapshot.connection_id)
+
+    def participant(self, room: str, identity: str) -> LocalParticipant:
+        """A handle on a participant already in the room (e.g. one joined from the CLI)."""
+        snapshot = self._call("describe", ParticipantRef.build(room=room, identity=identity), RoomSnapshot)
+        return LocalParticipant(self, room, identity, snapshot.connection_id)
+
+    def participants(self, room: str) -> list[ParticipantInfo]:
+        return self._call("participants", RoomRequest.build(room=room), ParticipantList).participants
+
+    def create_room(self, room: str, metadata: str = "") -> None:
+        self._call("create_room", RoomMetadataRequest.build(room=room, metadata=metadata))
+
+    def set_room_metadata(self, room: str, metadata: str) -> None:
+        self._call("set_room_metadata", RoomMetadataRequest.build(room=room, metadata=metadata))
+
+    def delete_room(self, room: str) -> None:
+        self._call("delete_room", RoomRequest.build(room=room))
+
+    def list_rooms(self) -> list[str]:
+        return self._call("rooms", RoomRequest(room="*"), RoomNames).names

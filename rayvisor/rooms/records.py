@@ -1,0 +1,166 @@
+"""Control-plane records of the room backends (same envelope as ``rayvisor.messages``)."""
+
+from __future__ import annotations
+
+import enum
+
+from livekit import rtc
+from pydantic import Field, field_validator
+
+from ..messages import MAX_IDENTITY_CHARS, MAX_ROOM_NAME_CHARS, Record, register
+
+RoomName = str
+_KINDS = frozenset(value for _, value in rtc.ParticipantKind.items())
+
+
+class RoomEventType(str, enum.Enum):
+    """Room events, named as livekit.rtc names them."""
+
+    PARTICIPANT_CONNECTED = "participant_connected"
+    PARTICIPANT_DISCONNECTED = "participant_disconnected"
+    PARTICIPANT_ATTRIBUTES_CHANGED = "participant_attributes_changed"
+    PARTICIPANT_METADATA_CHANGED = "participant_metadata_changed"
+    ROOM_METADATA_CHANGED = "room_metadata_changed"
+    DATA_RECEIVED = "data_received"
+    TEXT_RECEIVED = "text_received"
+    """A text stream (``send_text``); delivered to ``register_text_stream_handler`` handlers."""
+    DISCONNECTED = "disconnected"
+
+
+@register
+class ParticipantInfo(Record):
+    identity: str = Field(min_length=1, max_length=MAX_IDENTITY_CHARS)
+    name: str = ""
+    kind: int = rtc.ParticipantKind.PARTICIPANT_KIND_STANDARD
+    attributes: dict[str, str] = {}
+    metadata: str = ""
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, kind: int) -> int:
+        if kind not in _KINDS:
+            raise ValueError(f"unknown participant kind {kind}; use rtc.ParticipantKind values")
+        return kind
+
+
+@register
+class RoomEvent(Record):
+    seq: int
+    type: RoomEventType = Field(strict=False)
+    participant: ParticipantInfo | None = None
+    changed_attributes: dict[str, str] = {}
+    old_metadata: str = ""
+    new_metadata: str = ""
+    topic: str = ""
+    text: str | None = None
+    data: bytes | None = None
+    reason: int = 0
+    """For ``disconnected``: an ``rtc.DisconnectReason`` value."""
+    stream_id: str = ""
+    timestamp: float = 0.0
+
+
+@register
+class JoinRequest(Record):
+    room: RoomName = Field(min_length=1, max_length=MAX_ROOM_NAME_CHARS)
+    participant: ParticipantInfo
+
+
+@register
+class RoomSnapshot(Record):
+    """What a participant sees on joining: the room and everybody else in it."""
+
+    room: RoomName
+    metadata: str
+    connection_id: str
+    local: ParticipantInfo
+    participants: list[ParticipantInfo]
+
+
+@register
+class ParticipantRef(Record):
+    room: RoomName = Field(min_length=1, max_length=MAX_ROOM_NAME_CHARS)
+    identity: str = Field(min_length=1, max_length=MAX_IDENTITY_CHARS)
+
+
+@register
+class SetAttributesRequest(Record):
+    who: ParticipantRef
+    attributes: dict[str, str]
+
+
+@register
+class SetMetadataRequest(Record):
+    who: ParticipantRef
+    metadata: str
+
+
+@register
+class SendRequest(Record):
+    """Text (a text stream) or bytes (a data packet) from one participant."""
+
+    who: ParticipantRef
+    topic: str = ""
+    text: str | None = None
+    data: bytes | None = None
+    destination_identities: list[str] = []
+
+
+@register
+class PollRequest(Record):
+    connection_id: str
+    after_seq: int = Field(ge=0)
+    timeout: float = Field(ge=0)
+
+
+@register
+class EventBatch(Record):
+    events: list[RoomEvent]
+    closed: bool
+    """True once the connection has ended (left, replaced, or the room was deleted)."""
+
+
+@register
+class MessagesRequest(Record):
+    connection_id: str
+    count: int = Field(default=0, ge=0)
+    topic: str | None = None
+    timeout: float = Field(default=0.0, ge=0)
+
+
+@register
+class ReceivedMessage(Record):
+    sender: str
+    topic: str
+    text: str | None = None
+    data: bytes | None = None
+
+    @property
+    def payload(self) -> str | bytes:
+        return self.text if self.text is not None else (self.data or b"")
+
+
+@register
+class ReceivedMessages(Record):
+    messages: list[ReceivedMessage]
+
+
+@register
+class RoomRequest(Record):
+    room: RoomName = Field(min_length=1, max_length=MAX_ROOM_NAME_CHARS)
+
+
+@register
+class RoomMetadataRequest(Record):
+    room: RoomName = Field(min_length=1, max_length=MAX_ROOM_NAME_CHARS)
+    metadata: str
+
+
+@register
+class ParticipantList(Record):
+    participants: list[ParticipantInfo]
+
+
+@register
+class RoomNames(Record):
+    names: list[str]

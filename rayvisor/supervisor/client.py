@@ -1,0 +1,181 @@
+"""The operator side: ``rayvisor.serve``, ``rayvisor.connect`` and the ``Client``.
+
+Client methods are synchronous and bounded; errors come back as ``rayvisor.errors``
+types, never as ``RayTaskError``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import sysconfig
+import time
+from typing import Any
+
+import ray
+from ray import cloudpickle
+from ray.exceptions import GetTimeoutError, RayActorError
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from ..agents.options import WorkerOptions
+from ..errors import SupervisorNotFound, SupervisorUnavailable, WaitTimeout
+from ..messages import (
+    Ack,
+    EventsRequest,
+    JobIdRequest,
+    JobInfo,
+    JobList,
+    JobSpec,
+    Record,
+    ShutdownJobRequest,
+    Transition,
+    TransitionList,
+    WaitRequest,
+    decode_reply,
+    encode,
+)
+from ..rooms.local import DEFAULT_NAMESPACE, ROOM_SERVER_NAME, LocalRooms, room_server
+from .supervisor import SUPERVISOR_NAME, Supervisor
+
+logger = logging.getLogger("rayvisor.client")
+
+DEFAULT_CALL_TIMEOUT = 10.0
+
+
+def ensure_ray(address: str | None, **init_kwargs: Any) -> None:
+    """Attach to Ray at ``address`` (or start a local Ray when None) unless already connected."""
+    if ray.is_initialized():
+        return
+    init_kwargs.setdefault("include_dashboard", False)
+    init_kwargs.setdefault("logging_level", logging.WARNING)
+    ray.init(address=address, **init_kwargs)
+
+
+def ship_agent_code(opts: WorkerOptions) -> None:
+    """Make the agent's own module travel by value to job actors on any node.
+
+    Functions from an installed package (or rayvisor) travel by reference; the module that
+    defines the entrypoint (an ``agent.py`` file) is registered with cloudpickle's
+    pickle-by-value, so a single-file agent needs nothing installed on worker nodes.
+    Modules *it* imports must be installed there or shipped with ``runtime_env``.
+    """
+    installed = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
+    for fn in (opts.entrypoint_fnc, opts.prewarm_fnc):
+        if fn is None:
+            continue
+        module = sys.modules.get(getattr(fn, "__module__", "") or "")
+        if module is None or module.__name__ == "__main__" or module.__name__.split(".")[0] == "rayvisor":
+            continue
+        path = getattr(module, "__file__", None) or ""
+        if any(path.startswith(prefix) for prefix in installed):
+            continue
+        cloudpickle.register_pickle_by_value(module)
+
+
+def serve(opts: WorkerOptions, *, address: str | None = None, namespace: str = DEFAULT_NAMESPACE,
+          call_timeout: float = DEFAULT_CALL_TIMEOUT, **ray_init_kwargs: Any) -> "Client":
+    """Start (or attach to) the namespace's supervisor and register ``opts``' agent.
+
+    With no ``address`` and no Ray running, Ray is started inside this driver, so
+    ``ray.shutdown()`` here removes everything. The supervisor and the local room
+    server are pinned to this driver's node.
+    """
+    ensure_ray(address, **ray_init_kwargs)
+    ship_agent_code(opts)
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+    room_server(namespace, create=True)
+    handle = Supervisor.options(
+        name=SUPERVISOR_NAME, namespace=namespace, lifetime="detached", get_if_exists=True,
+        scheduling_strategy=here, max_concurrency=10_000,
+    ).remote(opts, namespace)
+    client = Client(handle, namespace, call_timeout=call_timeout)
+    client._call_raw(handle.register_agent.remote(opts), Ack)
+    return client
+
+
+def connect(address: str | None = "auto", *, namespace: str = DEFAULT_NAMESPACE,
+            call_timeout: float = DEFAULT_CALL_TIMEOUT, **ray_init_kwargs: Any) -> "Client":
+    """A client for the supervisor already serving ``namespace`` on the cluster at ``address``."""
+    ensure_ray(address, **ray_init_kwargs)
+    try:
+        handle = ray.get_actor(SUPERVISOR_NAME, namespace=namespace)
+    except ValueError:
+        raise SupervisorNotFound(
+            f"no rayvisor supervisor in namespace {namespace!r}; start one with rayvisor.serve() or `rayvisor start`"
+        ) from None
+    return Client(handle, namespace, call_timeout=call_timeout)
+
+
+def local_rooms(address: str | None = "auto", *, namespace: str = DEFAULT_NAMESPACE,
+                call_timeout: float = DEFAULT_CALL_TIMEOUT, **ray_init_kwargs: Any) -> LocalRooms:
+    """Driver-side access to the local room backend (created on this node if missing)."""
+    ensure_ray(address, **ray_init_kwargs)
+    return LocalRooms(namespace, call_timeout=call_timeout)
+
+
+class Client:
+    """Submit, inspect and end jobs. Every call is bounded by ``call_timeout``."""
+
+    def __init__(self, handle: Any, namespace: str, *, call_timeout: float = DEFAULT_CALL_TIMEOUT) -> None:
+        self._handle = handle
+        self.namespace = namespace
+        self.call_timeout = call_timeout
+
+    def _call_raw(self, ref: Any, *reply: type[Record], timeout: float | None = None) -> Any:
+        try:
+            data = ray.get(ref, timeout=timeout if timeout is not None else self.call_timeout)
+        except GetTimeoutError:
+            raise SupervisorUnavailable(f"the supervisor did not answer within {timeout or self.call_timeout}s") from None
+        except RayActorError as err:
+            raise SupervisorUnavailable(f"the supervisor is unavailable: {err}") from None
+        return decode_reply(data, *reply)
+
+    def _call(self, method: str, request: Record, *reply: type[Record], timeout: float | None = None) -> Any:
+        return self._call_raw(getattr(self._handle, method).remote(encode(request)), *reply, timeout=timeout)
+
+    def submit(self, spec: JobSpec | None = None, **fields: Any) -> str:
+        """Admit a job (``JobSpec`` or its fields as keywords); returns its id at once."""
+        spec = spec if spec is not None else JobSpec(**fields)
+        return self._call("submit", spec, JobInfo).id
+
+    def status(self, job_id: str) -> JobInfo:
+        return self._call("status", JobIdRequest(job_id=job_id), JobInfo)
+
+    def list(self) -> list[JobInfo]:
+        return self._call("list_jobs", JobIdRequest(job_id=""), JobList).jobs
+
+    def shutdown(self, job_id: str, reason: str = "") -> JobInfo:
+        """Start the job's shutdown protocol; returns at once (see ``wait``)."""
+        return self._call("shutdown", ShutdownJobRequest(job_id=job_id, reason=reason), JobInfo)
+
+    def wait(self, job_id: str, timeout: float = 60.0) -> JobInfo:
+        """The job's terminal ``JobInfo``; ``WaitTimeout`` if it is still live after ``timeout``."""
+        return self._call("wait", WaitRequest(job_id=job_id, timeout=timeout), JobInfo,
+                          timeout=timeout + self.call_timeout)
+
+    def events(self, after_seq: int = -1, timeout: float = 0.0) -> list[Transition]:
+        """State transitions after ``after_seq`` (waits up to ``timeout`` for the next)."""
+        return self._call("events", EventsRequest(after_seq=after_seq, timeout=timeout), TransitionList,
+                          timeout=timeout + self.call_timeout).events
+
+    def stop(self, timeout: float = 120.0) -> None:
+        """Shut every job down through the protocol, then remove the supervisor and local rooms."""
+        try:
+            self._call("stop", JobIdRequest(job_id=""), Ack, timeout=timeout)
+        finally:
+            ray.kill(self._handle, no_restart=True)
+            try:
+                ray.kill(ray.get_actor(ROOM_SERVER_NAME, namespace=self.namespace), no_restart=True)
+            except ValueError:
+                pass
+
+    def wait_for_state(self, job_id: str, *states: Any, timeout: float = 10.0, poll: float = 0.02) -> JobInfo:
+        """Poll ``status`` until the job is in one of ``states`` (``WaitTimeout`` otherwise)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            info = self.status(job_id)
+            if info.state in states:
+                return info
+            if time.monotonic() >= deadline:
+                raise WaitTimeout(f"job {job_id} is {info.state.value}, not {[s.value for s in states]}, after {timeout}s")
+            time.sleep(poll)

@@ -1,0 +1,90 @@
+"""Every Ray API call the supervisor makes on a job actor goes through ``JobActorHandle``.
+
+Keeping them in one place (as Ray Serve's ``ActorReplicaWrapper`` does) keeps the
+supervisor's state machine free of Ray details and every call bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import ray
+from ray.exceptions import RayActorError, RayTaskError
+
+from ..actors.job_actor import JobActor
+from ..agents.options import WorkerOptions
+from ..messages import JobOutcome, JobStart, JobStarted, ShutdownRequest, decode, encode
+
+logger = logging.getLogger("rayvisor.supervisor")
+
+JOB_ACTOR_PREFIX = "rayvisor-job-"
+
+
+class ActorGone(Exception):
+    """The job actor died (crash, kill, or its node was lost)."""
+
+
+class StartError(Exception):
+    """The job actor could not start the job (prewarm or agent code raised)."""
+
+
+class JobActorHandle:
+    """One job actor, seen from the supervisor."""
+
+    def __init__(self, actor: Any, name: str) -> None:
+        self._actor = actor
+        self.name = name
+
+    @classmethod
+    def create(cls, *, job_id: str, opts: WorkerOptions, supervisor: Any, namespace: str) -> "JobActorHandle":
+        """Ask Ray for the job's actor: named and detached, so it outlives the supervisor."""
+        name = JOB_ACTOR_PREFIX + job_id
+        actor = JobActor.options(
+            name=name,
+            namespace=namespace,
+            lifetime="detached",
+            num_cpus=0,
+            resources=dict(opts.job_resources),
+            max_restarts=0,
+            max_concurrency=1000,
+        ).remote(opts, supervisor, namespace)
+        return cls(actor, name)
+
+    async def start(self, start: JobStart, timeout: float) -> JobStarted:
+        """Start the job; raises ``ActorGone``, ``asyncio.TimeoutError`` or the decode error."""
+        try:
+            data = await asyncio.wait_for(self._actor.start.remote(encode(start)), timeout)
+        except RayActorError as err:
+            raise ActorGone(str(err)) from err
+        except RayTaskError as err:
+            raise StartError(str(err.cause if err.cause is not None else err)) from err
+        return decode(data, JobStarted)
+
+    def run(self) -> None:
+        """Fire-and-forget: start the entrypoint (the job is RUNNING from here)."""
+        self._actor.run.remote()
+
+    async def wait_done(self) -> JobOutcome:
+        """The job's outcome once its shutdown sequence completes; ``ActorGone`` if it dies.
+
+        Deliberately unbounded: it is the liveness channel. Deadlines are enforced by the
+        supervisor's own timers, never by waiting on the actor.
+        """
+        try:
+            data = await self._actor.wait_done.remote()
+        except RayActorError as err:
+            raise ActorGone(str(err)) from err
+        return decode(data, JobOutcome)
+
+    def request_shutdown(self, request: ShutdownRequest) -> None:
+        """Fire-and-forget: a job whose loop is blocked never answers, so nobody waits on it."""
+        self._actor.shutdown.remote(encode(request))
+
+    def kill(self) -> None:
+        """Kill the actor (and, through Ray's fate-sharing, every actor it created)."""
+        try:
+            ray.kill(self._actor, no_restart=True)
+        except Exception as err:  # already gone
+            logger.debug("kill of %s: %r", self.name, err)

@@ -1,0 +1,137 @@
+"""The supervisor's job table: one record per job, changed only through ``transition``."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..messages import TERMINAL_STATES, Cause, JobInfo, JobSpec, JobState, Transition, now
+
+logger = logging.getLogger("rayvisor.supervisor")
+
+ALLOWED_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
+    JobState.PENDING: frozenset({JobState.STARTING, JobState.SHUTTING_DOWN, JobState.REJECTED, JobState.FAILED}),
+    JobState.STARTING: frozenset({JobState.RUNNING, JobState.SHUTTING_DOWN, JobState.FAILED, JobState.KILLED}),
+    JobState.RUNNING: frozenset({JobState.SHUTTING_DOWN, JobState.FAILED, JobState.KILLED}),
+    JobState.SHUTTING_DOWN: frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.KILLED}),
+    JobState.SUCCEEDED: frozenset(),
+    JobState.FAILED: frozenset(),
+    JobState.KILLED: frozenset(),
+    JobState.REJECTED: frozenset(),
+}
+
+
+class IllegalTransition(RuntimeError):
+    """A bug: the supervisor tried a transition the state machine forbids."""
+
+
+@dataclass
+class JobRecord:
+    """The supervisor's mutable view of one job."""
+
+    id: str
+    spec: JobSpec
+    agent_name: str
+    state: JobState = JobState.PENDING
+    cause: Cause | None = None
+    reason: str = ""
+    error: str | None = None
+    pid: int | None = None
+    node_id: str | None = None
+    restarts: int = 0
+    participants: list[str] = field(default_factory=list)
+    timestamps: dict[str, float] = field(default_factory=dict)
+    deadline: float | None = None
+    """Monotonic time at which a SHUTTING_DOWN job is killed."""
+    actor: Any = None
+    """The job's ``JobActorHandle`` while it has one."""
+    finished: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.state in TERMINAL_STATES
+
+    def info(self) -> JobInfo:
+        return JobInfo(
+            id=self.id, state=self.state, room=self.spec.room, agent_name=self.agent_name,
+            metadata=self.spec.metadata, cause=self.cause, reason=self.reason, error=self.error,
+            pid=self.pid, node_id=self.node_id, restarts=self.restarts,
+            participants=list(self.participants), timestamps=dict(self.timestamps),
+        )
+
+
+class JobTable:
+    """All jobs, a bounded history of finished ones, and the stream of transitions."""
+
+    def __init__(self, *, finished_job_history: int, event_history: int) -> None:
+        self._jobs: dict[str, JobRecord] = {}
+        self._finished: OrderedDict[str, None] = OrderedDict()
+        self._finished_limit = finished_job_history
+        self._events: deque[Transition] = deque(maxlen=event_history)
+        self._seq = itertools.count()
+        self._new_event = asyncio.Event()
+
+    def add(self, record: JobRecord) -> None:
+        self._jobs[record.id] = record
+        record.timestamps[record.state.value] = now()
+        self._record_event(record)
+
+    def get(self, job_id: str) -> JobRecord | None:
+        return self._jobs.get(job_id)
+
+    def all(self) -> list[JobRecord]:
+        return list(self._jobs.values())
+
+    def live(self) -> list[JobRecord]:
+        return [r for r in self._jobs.values() if not r.is_terminal]
+
+    def transition(self, record: JobRecord, state: JobState, *, cause: Cause | None = None,
+                   reason: str | None = None, error: str | None = None) -> None:
+        """Move ``record`` to ``state``: the only place a job's state changes."""
+        if state not in ALLOWED_TRANSITIONS[record.state]:
+            raise IllegalTransition(f"job {record.id}: {record.state.value} -> {state.value}")
+        record.state = state
+        if cause is not None:
+            record.cause = cause
+        if reason:
+            record.reason = reason
+        if error:
+            record.error = error
+        record.timestamps[state.value] = now()
+        log = logger.warning if state in (JobState.FAILED, JobState.KILLED, JobState.REJECTED) else logger.info
+        log("job %s %s", record.id, state.value, extra={
+            "job_id": record.id, "room": record.spec.room, "state": state.value,
+            "cause": record.cause.value if record.cause else None, "node_id": record.node_id,
+        })
+        self._record_event(record)
+        if record.is_terminal:
+            record.deadline = None
+            record.finished.set()
+            self._finished[record.id] = None
+            while len(self._finished) > self._finished_limit:
+                old_id, _ = self._finished.popitem(last=False)
+                self._jobs.pop(old_id, None)
+
+    def _record_event(self, record: JobRecord) -> None:
+        self._events.append(Transition(
+            seq=next(self._seq), job_id=record.id, state=record.state, room=record.spec.room,
+            at=record.timestamps[record.state.value], cause=record.cause, reason=record.reason,
+            error=record.error, node_id=record.node_id, pid=record.pid,
+        ))
+        self._new_event.set()
+        self._new_event = asyncio.Event()
+
+    async def events_after(self, seq: int, timeout: float) -> list[Transition]:
+        """Transitions after ``seq``; waits up to ``timeout`` for the next one if there are none."""
+        events = [e for e in self._events if e.seq > seq]
+        if not events and timeout > 0:
+            try:
+                await asyncio.wait_for(self._new_event.wait(), timeout)
+            except asyncio.TimeoutError:
+                return []
+            events = [e for e in self._events if e.seq > seq]
+        return events

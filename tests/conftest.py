@@ -1,0 +1,60 @@
+"""One Ray instance for the whole test session; one supervisor namespace per test."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # tests only; production keeps Ray's token auth
+
+import ray  # noqa: E402
+
+import rayvisor  # noqa: E402
+from rayvisor.rooms.local import LocalRooms  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def ray_session() -> Iterator[None]:
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        object_store_memory=100_000_000,
+        log_to_driver=False,
+        namespace="rayvisor-tests",
+    )
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture
+def namespace() -> str:
+    return "t-" + uuid.uuid4().hex[:8]
+
+
+@pytest.fixture
+def serve(namespace: str) -> Iterator[Callable[..., rayvisor.Client]]:
+    """``serve(entrypoint, **worker_options)`` -> a Client of a fresh supervisor; torn down after."""
+    clients: list[rayvisor.Client] = []
+
+    def start(entrypoint: Callable[..., Any], **options: Any) -> rayvisor.Client:
+        client = rayvisor.serve(rayvisor.WorkerOptions(entrypoint_fnc=entrypoint, **options), namespace=namespace)
+        clients.append(client)
+        return client
+
+    yield start
+    for client in clients:
+        client.stop(timeout=30)
+    for actor in ray.util.list_named_actors(all_namespaces=True):
+        if actor["namespace"] == namespace:
+            ray.kill(ray.get_actor(actor["name"], namespace=namespace), no_restart=True)
+
+
+@pytest.fixture
+def rooms(namespace: str) -> LocalRooms:
+    return rayvisor.local_rooms(namespace=namespace)
