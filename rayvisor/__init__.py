@@ -28,7 +28,7 @@ __all__ = [
 def __getattr__(name: str):
     # ``cli`` imports click and the logging setup; load it only when asked for.
     if name == "cli":
-        from . import cli
+        import importlib
 
-        return cli
+        return importlib.import_module(".cli", __name__)
     raise AttributeError(name)

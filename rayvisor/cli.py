@@ -266,8 +266,9 @@ def build_cli(opts: WorkerOptions | None = None) -> click.Group:
     def room_set_attributes(room_name: str, identity: str, pairs: tuple[str, ...], address: str,
                             namespace: str) -> None:
         with _errors_as_messages():
+            attributes = _parse_attributes(pairs)
             participant = local_rooms(address, namespace=namespace).participant(room_name, identity)
-            participant.set_attributes(_parse_attributes(pairs))
+            participant.set_attributes(attributes)
 
     @room.command("send", help="IDENTITY sends TEXT to the room.")
     @click.argument("room_name")

@@ -1,0 +1,5 @@
+"""``python -m rayvisor ...`` is the ``rayvisor`` command."""
+
+from .cli import main
+
+main()

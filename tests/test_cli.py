@@ -1,0 +1,141 @@
+"""The ``rayvisor`` command: every subcommand, bad arguments, and ``dev`` end to end."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import ray
+from click.testing import CliRunner
+from support import wait_until
+
+import rayvisor
+from rayvisor import JobContext, JobState, WorkerOptions
+from rayvisor.cli import build_cli
+from rayvisor.errors import SupervisorNotFound
+
+
+async def chatty(ctx: JobContext) -> None:
+    async def on_chat(reader, sender: str) -> None:
+        await ctx.room.local_participant.send_text(f"got {await reader.read_all()}", topic="echo")
+
+    ctx.room.register_text_stream_handler("chat", on_chat)
+    await ctx.connect()
+    await ctx.room.local_participant.send_text(f"hello {ctx.job.metadata}", topic="hello")
+
+
+@pytest.fixture
+def cli(serve, namespace):
+    """Run ``rayvisor ...`` in-process against the test session's Ray and a fresh supervisor."""
+    serve(chatty)
+    runner = CliRunner()
+
+    def run(*args: str, ok: bool = True):
+        result = runner.invoke(build_cli(), [*args, "--namespace", namespace], catch_exceptions=False)
+        assert (result.exit_code == 0) == ok, result.output
+        return result
+
+    return run
+
+
+def test_submit_status_jobs_and_shutdown_from_the_command_line(cli, rooms):
+    cli("room", "join", "desk", "alice", "--attribute", "user.language=en")
+    job_id = cli("submit", "--room", "desk", "--metadata", '{"user_id": 7}').output.strip()
+    alice = rooms.participant("desk", "alice")
+    assert alice.wait_for_messages(1, topic="hello", timeout=20)[0][2] == 'hello {"user_id": 7}'
+
+    status = json.loads(cli("status", job_id).output)
+    assert status["id"] == job_id and status["state"] == "RUNNING" and status["room"] == "desk"
+    assert job_id in cli("jobs").output
+    assert json.loads(cli("jobs", "--json").output)[0]["id"] == job_id
+
+    output = cli("shutdown", job_id, "--reason", "closing time", "--wait", "10").output
+    assert "SUCCEEDED" in output and "user_shutdown" in output
+
+
+def test_room_commands_drive_simulated_participants(cli, rooms):
+    cli("room", "join", "desk", "bob", "--kind", "sip")
+    cli("submit", "--room", "desk", "--raw-metadata", "plain text")
+    bob = rooms.participant("desk", "bob")
+    bob.wait_for_messages(1, topic="hello", timeout=20)
+
+    cli("room", "send", "desk", "bob", "need help", "--topic", "chat")
+    bob.wait_for_messages(1, topic="echo", timeout=10)
+    assert "agent-RJ_" in cli("room", "messages", "desk", "bob").output
+    cli("room", "set-attributes", "desk", "bob", "user.language=fr")
+    assert rooms.participants("desk")[0].attributes == {"user.language": "fr"}
+    listing = cli("room", "participants", "desk").output
+    assert "bob  kind=sip" in listing and "kind=agent" in listing
+
+    cli("room", "leave", "desk", "bob")
+    job = rayvisor.connect(namespace=rooms.namespace).list()[0]
+    assert rayvisor.connect(namespace=rooms.namespace).wait(job.id, timeout=10).cause == rayvisor.Cause.ROOM_EMPTY
+    cli("room", "delete", "desk")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["submit", "--room", "r", "--metadata", "{not json"], "InvalidMetadata"),
+    (["submit", "--room", ""], "InvalidJobSpec"),
+    (["submit", "--room", "r", "--agent-name", "ghost"], "UnknownAgent"),
+    (["status", "RJ_missing"], "JobNotFound"),
+    (["room", "leave", "nowhere", "nobody"], "RoomNotFound"),
+    (["room", "set-attributes", "r", "alice", "no-equals-sign"], "KEY=VALUE"),
+])
+def test_bad_arguments_print_a_clear_message_and_exit_non_zero(cli, args, message):
+    result = cli(*args, ok=False)
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_run_app_gives_an_agent_file_the_cli(serve, namespace, rooms):
+    serve(chatty)  # the supervisor `python agent.py submit` talks to
+    opts = WorkerOptions(entrypoint_fnc=chatty)
+    user = rooms.join("app-room", "user")
+    result = CliRunner().invoke(build_cli(opts), ["submit", "--room", "app-room", "--namespace", namespace])
+    assert result.exit_code == 0, result.output
+    user.wait_for_messages(1, topic="hello", timeout=20)
+    assert "dev" in CliRunner().invoke(build_cli(opts), ["--help"]).output
+
+
+def test_dev_serves_an_agent_file_prints_the_lifecycle_and_stops_cleanly_on_ctrl_c(tmp_path, namespace, rooms):
+    agent = tmp_path / "my_agent.py"
+    agent.write_text(textwrap.dedent('''
+        from rayvisor import JobContext, cli, WorkerOptions
+
+        async def entrypoint(ctx: JobContext):
+            await ctx.connect()
+            await ctx.room.local_participant.send_text("hi from dev", topic="hello")
+
+        if __name__ == "__main__":
+            cli.run_app(WorkerOptions(entrypoint_fnc=entrypoint))
+    '''))
+    address = ray.get_runtime_context().gcs_address
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rayvisor.cli", "dev", str(agent), "--address", address, "--namespace", namespace],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        def supervisor_up():
+            try:
+                return rayvisor.connect(namespace=namespace)
+            except SupervisorNotFound:
+                return None
+
+        client = wait_until(supervisor_up, timeout=60, interval=0.1)
+        user = rooms.join("dev-room", "user")
+        job_id = client.submit(room="dev-room")
+        assert user.wait_for_messages(1, topic="hello", timeout=20)[0][2] == "hi from dev"
+        user.leave()
+        assert client.wait(job_id, timeout=10).state == JobState.SUCCEEDED
+    finally:
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr
+    lines = [line for line in stdout.splitlines() if job_id in line]
+    assert [line.split()[3] for line in lines] == ["PENDING", "STARTING", "RUNNING", "SHUTTING_DOWN", "SUCCEEDED"]
+    with pytest.raises(SupervisorNotFound):
+        rayvisor.connect(namespace=namespace)
