@@ -263,3 +263,46 @@ def test_wait_gives_up_with_a_typed_error_and_leaves_the_job_running(serve, room
         client.wait(job_id, timeout=0.2)
     assert client.status(job_id).state == JobState.RUNNING
     wait_until(lambda: client.status(job_id).participants == ["user"], timeout=5)
+
+
+def load_model(proc) -> None:
+    proc.userdata["model"] = f"loaded-in-{os.getpid()}"
+
+
+def failing_prewarm(proc) -> None:
+    raise OSError("model file missing")
+
+
+def slow_prewarm(proc) -> None:
+    import time
+
+    time.sleep(30)
+
+
+async def reports_userdata(ctx: JobContext) -> None:
+    await ctx.connect()
+    await ctx.room.local_participant.send_text(f"{ctx.proc.userdata.get('model')}|{os.getpid()}", topic="model")
+
+
+def test_prewarm_runs_in_the_jobs_process_and_fills_proc_userdata(serve, rooms):
+    client = serve(reports_userdata, prewarm_fnc=load_model)
+    user = rooms.join("warm", "user")
+    client.submit(room="warm")
+
+    model, pid = user.wait_for_messages(1, topic="model", timeout=20)[0][2].split("|")
+
+    assert model == f"loaded-in-{pid}"
+
+
+@pytest.mark.parametrize("prewarm,error", [
+    (failing_prewarm, "model file missing"),
+    (slow_prewarm, "initialize_process_timeout=1"),
+], ids=["raises", "too_slow"])
+def test_job_whose_process_cannot_be_prepared_fails_with_start_failed(serve, rooms, prewarm, error):
+    client = serve(reports_userdata, prewarm_fnc=prewarm, initialize_process_timeout=1)
+    job_id = client.submit(room="cold")
+
+    info = client.wait(job_id, timeout=20)
+
+    assert (info.state, info.cause) == (JobState.FAILED, Cause.START_FAILED)
+    assert error in info.error
