@@ -92,6 +92,18 @@ class SupervisorUnavailable(RayvisorError, ConnectionError):
     code = "supervisor_unavailable"
 
 
+class Draining(RayvisorError, RuntimeError):
+    """The supervisor is stopping (or draining) and admits no new jobs."""
+
+    code = "draining"
+
+
+class InternalError(RayvisorError, RuntimeError):
+    """An unexpected failure inside rayvisor; the message carries the original error."""
+
+    code = "internal_error"
+
+
 class RoomError(RayvisorError):
     """A room operation failed."""
 
@@ -114,6 +126,12 @@ class ParticipantNotFound(RoomError, LookupError):
     """The participant is not (or no longer) in the room."""
 
     code = "participant_not_found"
+
+
+class RoomUnavailable(RoomError, ConnectionError):
+    """The room backend did not answer in time or is gone."""
+
+    code = "room_unavailable"
 
 
 class NotConnected(RoomError, RuntimeError):

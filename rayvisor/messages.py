@@ -9,19 +9,23 @@ User objects are never pickled onto the control plane.
 from __future__ import annotations
 
 import enum
+import logging
 import time
 from typing import Any, ClassVar, TypeVar
 
 import msgpack
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import (
+    InternalError,
     InvalidJobSpec,
     MessageError,
     RayvisorError,
     UnsupportedVersion,
     error_from_code,
 )
+
+_logger = logging.getLogger("rayvisor.messages")
 
 PROTOCOL_VERSION = 1
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
@@ -67,11 +71,14 @@ def _describe(cls: type[Record], err: ValidationError) -> str:
 def encode(record: Record) -> bytes:
     """Pack a record into a versioned msgpack envelope."""
     body = record.model_dump(mode="python")
-    return msgpack.packb(
-        {"v": PROTOCOL_VERSION, "type": type(record).__name__, "body": body},
-        default=_pack_default,
-        use_bin_type=True,
-    )
+    try:
+        return msgpack.packb(
+            {"v": PROTOCOL_VERSION, "type": type(record).__name__, "body": body},
+            default=_pack_default,
+            use_bin_type=True,
+        )
+    except (TypeError, ValueError, UnicodeEncodeError) as err:
+        raise record.invalid_error(f"cannot encode {type(record).__name__}: {err}") from None
 
 
 def _pack_default(value: Any) -> Any:
@@ -192,6 +199,13 @@ class JobSpec(Record):
             super().__init__(**fields)
         except ValidationError as err:
             raise InvalidJobSpec(_describe(type(self), err)) from None
+
+    @field_validator("room", "metadata", "agent_name", "dispatch_id")
+    @classmethod
+    def _utf8(cls, value: str | None) -> str | None:
+        if value is not None:
+            value.encode("utf-8")  # lone surrogates cannot travel: a clear error here, not in msgpack
+        return value
 
 
 @register
@@ -349,9 +363,12 @@ def endpoint(request_type: type[R]):
             try:
                 request = decode(data, request_type)
                 reply = await handler(self, request)
+                return encode(reply if reply is not None else Ack())
             except RayvisorError as err:
                 return encode(ErrorRecord.of(err))
-            return encode(reply if reply is not None else Ack())
+            except Exception as err:  # a bug, not the caller's fault: log it, answer with a typed error
+                _logger.exception("%s failed", handler.__qualname__)
+                return encode(ErrorRecord(code=InternalError.code, message=f"{type(err).__name__}: {err}"))
 
         method.__name__ = handler.__name__
         method.__qualname__ = handler.__qualname__

@@ -49,10 +49,7 @@ def serve(namespace: str) -> Iterator[Callable[..., rayvisor.Client]]:
 
     yield start
     for client in clients:
-        client.stop(timeout=30)
-    for actor in ray.util.list_named_actors(all_namespaces=True):
-        if actor["namespace"] == namespace:
-            ray.kill(ray.get_actor(actor["name"], namespace=namespace), no_restart=True)
+        client.stop(timeout=30)  # also kills any job actor of the namespace still alive
 
 
 @pytest.fixture

@@ -84,8 +84,25 @@ def test_status_of_an_unknown_job_is_a_typed_error(running):
 def test_entrypoint_that_is_not_async_is_rejected_when_options_are_built():
     with pytest.raises(InvalidAgent, match="async def"):
         WorkerOptions(entrypoint_fnc=sync_entrypoint)
-    with pytest.raises(InvalidAgent, match="shutdown_process_timeout"):
-        WorkerOptions(entrypoint_fnc=echo, shutdown_process_timeout=0)
+    for budget in (0, -1, float("nan"), float("inf")):
+        with pytest.raises(InvalidAgent, match="shutdown_process_timeout"):
+            WorkerOptions(entrypoint_fnc=echo, shutdown_process_timeout=budget)
+    with pytest.raises(InvalidAgent, match="job_resources"):
+        WorkerOptions(entrypoint_fnc=echo, job_resources={"GPU": float("nan")})
+
+
+def test_client_arguments_of_the_wrong_type_are_typed_errors(running):
+    client, user, job_id = running
+    with pytest.raises(MessageError):
+        client.wait(job_id, timeout=-1)
+    with pytest.raises(MessageError):
+        client.status(5)
+    with pytest.raises(MessageError):
+        client.events(after_seq=-5)
+    with pytest.raises(InvalidRoomRequest):
+        user.set_attributes({"user.language": 1})
+    with pytest.raises(InvalidJobSpec):
+        JobSpec(room="r", metadata="\ud800")
 
 
 @pytest.mark.parametrize("payload,error", [

@@ -74,7 +74,10 @@ def test_room_commands_drive_simulated_participants(cli, rooms):
     cli("room", "leave", "desk", "bob")
     job = rayvisor.connect(namespace=rooms.namespace).list()[0]
     assert rayvisor.connect(namespace=rooms.namespace).wait(job.id, timeout=10).cause == rayvisor.Cause.ROOM_EMPTY
+    assert "RoomNotFound" in cli("room", "participants", "desk", ok=False).output  # empty rooms close
+    cli("room", "join", "desk", "carol")
     cli("room", "delete", "desk")
+    assert "RoomNotFound" in cli("room", "participants", "desk", ok=False).output
 
 
 @pytest.mark.parametrize("args,message", [

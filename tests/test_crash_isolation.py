@@ -69,3 +69,27 @@ def test_job_whose_process_is_sigkilled_fails_alone(serve, rooms):
     os.kill(victim_pid, signal.SIGKILL)
 
     assert_crash_recorded_and_bystander_untouched(client, bystander, victim_job, bystander_job, crashed_at)
+
+
+def test_a_crashed_jobs_participant_is_taken_out_of_its_room(serve, rooms):
+    client, victim, _bystander, victim_job, _bystander_job, victim_pid = running_pair(serve, rooms)
+    assert f"agent-{victim_job}" in [p.identity for p in rooms.participants("victim")]
+
+    os.kill(victim_pid, signal.SIGKILL)
+    client.wait(victim_job, timeout=5)
+
+    wait_until(lambda: [p.identity for p in rooms.participants("victim")] == ["user"], timeout=5)
+
+
+def test_losing_the_room_server_ends_jobs_with_room_disconnected(serve, rooms, namespace):
+    import ray
+
+    from rayvisor.rooms.local import ROOM_SERVER_NAME
+
+    client, _victim, _bystander, victim_job, bystander_job, _ = running_pair(serve, rooms)
+
+    ray.kill(ray.get_actor(ROOM_SERVER_NAME, namespace=namespace), no_restart=False)  # restarts empty
+
+    for job_id in (victim_job, bystander_job):
+        info = client.wait(job_id, timeout=30)
+        assert info.cause == Cause.ROOM_DISCONNECTED and info.state == JobState.SUCCEEDED

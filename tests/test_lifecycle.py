@@ -306,3 +306,41 @@ def test_job_whose_process_cannot_be_prepared_fails_with_start_failed(serve, roo
 
     assert (info.state, info.cause) == (JobState.FAILED, Cause.START_FAILED)
     assert error in info.error
+
+
+def test_job_that_cannot_be_placed_fails_instead_of_waiting_forever(serve):
+    client = serve(reports_userdata, job_resources={"GPU": 1}, initialize_process_timeout=1)
+    job_id = client.submit(room="no-gpu-here")
+
+    info = client.wait(job_id, timeout=20)
+
+    assert (info.state, info.cause) == (JobState.FAILED, Cause.START_FAILED)
+    assert client.wait(job_id, timeout=0) == info  # a finished job answers at once
+
+
+def test_a_stopping_supervisor_refuses_new_jobs_while_it_shuts_the_others_down(serve, rooms):
+    import threading
+
+    from rayvisor.errors import Draining
+
+    client = serve(slow_to_stop, shutdown_process_timeout=2)
+    user = rooms.join("closing", "user")
+    job_id = client.submit(room="closing")
+    user.wait_for_messages(1, topic="hello", timeout=20)
+    stopper = threading.Thread(target=client.stop, kwargs={"timeout": 20})
+    stopper.start()
+    wait_until(lambda: client.status(job_id).state == JobState.SHUTTING_DOWN, timeout=5)
+
+    with pytest.raises(Draining):
+        client.submit(room="late")
+    stopper.join(timeout=20)
+    assert not stopper.is_alive()
+
+
+async def slow_to_stop(ctx: JobContext) -> None:
+    async def linger() -> None:
+        await asyncio.sleep(1.5)
+
+    ctx.add_shutdown_callback(linger)
+    await ctx.connect()
+    await ctx.room.local_participant.send_text("up", topic="hello")

@@ -145,6 +145,9 @@ class JobRunner:
             # Wait for the entrypoint to really end: one that swallows cancellation keeps
             # us here until the supervisor kills the actor at the deadline.
             await asyncio.wait({entry})
+            if not entry.cancelled() and entry.exception() is None:
+                logger.warning("the entrypoint returned normally after being cancelled; "
+                               "re-raise CancelledError after cleanup so callers see the cancellation")
         if entry is not None and entry.done() and not entry.cancelled() and entry.exception() is not None:
             if self._cause != Cause.ENTRYPOINT_ERROR:
                 self._errors.append(describe_exception(entry.exception()))

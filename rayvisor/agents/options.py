@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import inspect
+import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -52,8 +53,8 @@ class WorkerOptions:
     """Which room condition ends a job on its own (see ``EndWhen``)."""
 
     job_resources: dict[str, float] = field(default_factory=dict)
-    """Extra Ray resources each job actor asks for (e.g. ``{"GPU": 1}``); job actors use
-    no CPU reservation (``num_cpus=0``)."""
+    """Ray resources each job actor asks for (e.g. ``{"GPU": 1}`` or a custom resource);
+    without ``"CPU"`` here, job actors reserve no CPU (``num_cpus=0``)."""
     max_metadata_bytes: int = 64 * 1024
     """Largest job metadata (UTF-8 bytes) the supervisor accepts."""
     finished_job_history: int = 10_000
@@ -80,7 +81,7 @@ class WorkerOptions:
         for name in ("shutdown_process_timeout", "initialize_process_timeout",
                      "control_call_timeout", "room_poll_timeout"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or value <= 0:
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise InvalidAgent(f"{name} must be a positive number of seconds, got {value!r}")
         for name in ("max_metadata_bytes", "finished_job_history", "event_history"):
             value = getattr(self, name)
@@ -90,6 +91,6 @@ class WorkerOptions:
             object.__setattr__(self, "end_when", EndWhen(self.end_when))
         except ValueError:
             raise InvalidAgent(f"end_when must be one of {[e.value for e in EndWhen]}") from None
-        if not all(isinstance(k, str) and isinstance(v, (int, float)) and v >= 0
+        if not all(isinstance(k, str) and isinstance(v, (int, float)) and math.isfinite(v) and v >= 0
                    for k, v in self.job_resources.items()):
             raise InvalidAgent("job_resources must map resource names to non-negative amounts")

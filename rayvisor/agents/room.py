@@ -18,13 +18,16 @@ from typing import Any
 from livekit import rtc
 
 from ..aio import supervised_task
-from ..errors import NotConnected
+from ..errors import NotConnected, RoomUnavailable
 from ..rooms.base import RoomConnection
 from ..rooms.records import EventBatch, ParticipantInfo, RoomEvent, RoomEventType, RoomSnapshot
 
 logger = logging.getLogger("rayvisor.room")
 
 TextStreamHandler = Callable[["TextStreamReader", str], Any]
+
+MAX_POLL_FAILURES = 3
+"""Consecutive failed event polls after which the room counts as disconnected."""
 
 
 class Participant:
@@ -254,14 +257,36 @@ class Room:
         await self._connection.delete_room()
 
     async def _pump_events(self, poll_timeout: float) -> None:
+        """Pull events in order until the connection closes. If the backend cannot be
+        reached ``MAX_POLL_FAILURES`` times in a row, the room counts as disconnected, so
+        the job ends instead of sitting unaware of its room."""
         assert self._connection is not None
-        while True:
-            batch: EventBatch = await self._connection.next_events(self._seq, poll_timeout)
+        failures = 0
+        while self._connection is not None:
+            try:
+                batch: EventBatch = await self._connection.next_events(self._seq, poll_timeout)
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:
+                failures += 1
+                if isinstance(err, RoomUnavailable) and failures < MAX_POLL_FAILURES:
+                    logger.warning("room events poll failed (%d/%d): %s", failures, MAX_POLL_FAILURES, err)
+                    continue
+                logger.error("lost the room %r: %r", self._name, err)
+                self._lose_connection(rtc.DisconnectReason.UNKNOWN_REASON)
+                return
+            failures = 0
             for event in batch.events:
                 self._seq = max(self._seq, event.seq)
                 self._apply(event)
             if batch.closed:
                 return
+
+    def _lose_connection(self, reason: int) -> None:
+        self._state = rtc.ConnectionState.CONN_DISCONNECTED
+        self._connection = None
+        self.emit("connection_state_changed", self._state)
+        self.emit("disconnected", reason)
 
     def _participant(self, info: ParticipantInfo) -> Participant:
         """The one object for ``info.identity`` (the local participant included), updated in place."""
@@ -302,10 +327,7 @@ class Room:
         elif kind == RoomEventType.TEXT_RECEIVED:
             self._deliver_text(event)
         elif kind == RoomEventType.DISCONNECTED:
-            self._state = rtc.ConnectionState.CONN_DISCONNECTED
-            self._connection = None
-            self.emit("connection_state_changed", self._state)
-            self.emit("disconnected", event.reason)
+            self._lose_connection(event.reason)
 
     def _deliver_text(self, event: RoomEvent) -> None:
         handler = self._text_handlers.get(event.topic)

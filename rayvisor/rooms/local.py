@@ -21,9 +21,10 @@ from typing import Any
 
 import ray
 from livekit import rtc
+from ray.exceptions import GetTimeoutError, RayActorError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from ..errors import InvalidRoomRequest, ParticipantNotFound, RoomNotFound, WaitTimeout
+from ..errors import InvalidRoomRequest, ParticipantNotFound, RoomNotFound, RoomUnavailable, WaitTimeout
 from ..messages import Record, decode_reply, encode, endpoint
 from .records import (
     EventBatch,
@@ -114,6 +115,8 @@ class _Connection:
 class _Room:
     name: str
     metadata: str = ""
+    explicit: bool = False
+    """Created with ``create_room``: kept when empty (rooms created by a join are not)."""
     participants: dict[str, _Connection] = field(default_factory=dict)
 
 
@@ -168,6 +171,8 @@ class LocalRoomServer:
         while len(self._closed) > self._settings.max_closed_connections:
             self._closed.popitem(last=False)
         self._broadcast(room, None, RoomEventType.PARTICIPANT_DISCONNECTED, participant=conn.info)
+        if not room.participants and not room.explicit and not room.metadata:
+            self._rooms.pop(room.name, None)
 
     # -- endpoints -------------------------------------------------------------------
 
@@ -275,7 +280,8 @@ class LocalRoomServer:
     @endpoint(RoomMetadataRequest)
     async def create_room(self, request: RoomMetadataRequest) -> None:
         """Create a room (idempotent); sets its metadata if it is new."""
-        self._rooms.setdefault(request.room, _Room(name=request.room, metadata=request.metadata))
+        room = self._rooms.setdefault(request.room, _Room(name=request.room, metadata=request.metadata))
+        room.explicit = True
 
     @endpoint(RoomMetadataRequest)
     async def set_room_metadata(self, request: RoomMetadataRequest) -> None:
@@ -323,6 +329,7 @@ def room_server(namespace: str = DEFAULT_NAMESPACE, *, create: bool = False,
     if create:
         return LocalRoomServer.options(
             name=ROOM_SERVER_NAME,
+            max_concurrency=10_000,  # every connected job holds one long-poll open
             namespace=namespace,
             lifetime="detached",
             get_if_exists=True,
@@ -338,6 +345,16 @@ def room_server(namespace: str = DEFAULT_NAMESPACE, *, create: bool = False,
         ) from None
 
 
+def evict_participant(namespace: str, room: str, identity: str) -> None:
+    """Fire-and-forget: take ``identity`` out of ``room`` if it is still there (a job that was
+    killed or crashed never left). Missing rooms, participants or servers are fine."""
+    try:
+        server = ray.get_actor(ROOM_SERVER_NAME, namespace=namespace)
+    except ValueError:
+        return
+    server.leave.remote(encode(ParticipantRef(room=room, identity=identity)))
+
+
 class LocalRoomConnection:
     """A job's connection to a local room (the ``RoomConnection`` of this backend)."""
 
@@ -349,14 +366,21 @@ class LocalRoomConnection:
         self._connection_id = ""
 
     async def _call(self, method: str, request: Record, *reply: type, timeout: float | None = None) -> Any:
+        limit = timeout if timeout is not None else self._call_timeout
         ref = getattr(self._server, method).remote(encode(request))
-        data = await asyncio.wait_for(ref, timeout if timeout is not None else self._call_timeout)
+        try:
+            data = await asyncio.wait_for(ref, limit)
+        except asyncio.TimeoutError:
+            raise RoomUnavailable(f"the local room server did not answer {method} within {limit}s") from None
+        except RayActorError as err:
+            raise RoomUnavailable(f"the local room server is unavailable: {err}") from None
         return decode_reply(data, *reply)
 
     async def connect(self, room: str, local: ParticipantInfo) -> RoomSnapshot:
         self._server = room_server(self._namespace)
-        snapshot = await self._call("join", JoinRequest(room=room, participant=local), RoomSnapshot)
+        # Known before the join is sent, so a disconnect racing the join still leaves.
         self._who = ParticipantRef(room=room, identity=local.identity)
+        snapshot = await self._call("join", JoinRequest(room=room, participant=local), RoomSnapshot)
         self._connection_id = snapshot.connection_id
         return snapshot
 
@@ -406,22 +430,22 @@ class LocalParticipant:
 
     @property
     def _who(self) -> ParticipantRef:
-        return ParticipantRef(room=self.room, identity=self.identity)
+        return ParticipantRef.build(room=self.room, identity=self.identity)
 
     def set_attributes(self, attributes: dict[str, str]) -> None:
-        self._rooms._call("set_attributes", SetAttributesRequest(who=self._who, attributes=attributes))
+        self._rooms._call("set_attributes", SetAttributesRequest.build(who=self._who, attributes=attributes))
 
     def set_metadata(self, metadata: str) -> None:
-        self._rooms._call("set_metadata", SetMetadataRequest(who=self._who, metadata=metadata))
+        self._rooms._call("set_metadata", SetMetadataRequest.build(who=self._who, metadata=metadata))
 
     def send_text(self, text: str, *, topic: str = "", destination_identities: list[str] | None = None) -> None:
-        self._rooms._call("send", SendRequest(
+        self._rooms._call("send", SendRequest.build(
             who=self._who, topic=topic, text=text, destination_identities=destination_identities or []))
 
     def publish_data(self, payload: bytes | str, *, topic: str = "",
                      destination_identities: list[str] | None = None) -> None:
         data = payload.encode() if isinstance(payload, str) else payload
-        self._rooms._call("send", SendRequest(
+        self._rooms._call("send", SendRequest.build(
             who=self._who, topic=topic, data=data, destination_identities=destination_identities or []))
 
     def messages(self) -> list[tuple[str, str, str | bytes]]:
@@ -433,7 +457,7 @@ class LocalParticipant:
         """Wait until ``count`` messages (on ``topic``, if given) arrived; ``WaitTimeout`` otherwise."""
         reply = self._rooms._call(
             "messages",
-            MessagesRequest(connection_id=self.connection_id, count=count, topic=topic, timeout=timeout),
+            MessagesRequest.build(connection_id=self.connection_id, count=count, topic=topic, timeout=timeout),
             ReceivedMessages,
             timeout=timeout + self._rooms.call_timeout,
         )
@@ -452,8 +476,14 @@ class LocalRooms:
         self._server = room_server(namespace, create=True)
 
     def _call(self, method: str, request: Record, *reply: type, timeout: float | None = None) -> Any:
-        ref = getattr(self._server, method).remote(encode(request))
-        return decode_reply(ray.get(ref, timeout=timeout or self.call_timeout), *reply)
+        limit = timeout or self.call_timeout
+        try:
+            data = ray.get(getattr(self._server, method).remote(encode(request)), timeout=limit)
+        except GetTimeoutError:
+            raise RoomUnavailable(f"the local room server did not answer {method} within {limit}s") from None
+        except RayActorError as err:
+            raise RoomUnavailable(f"the local room server is unavailable: {err}") from None
+        return decode_reply(data, *reply)
 
     def join(self, room: str, identity: str, *, kind: int = rtc.ParticipantKind.PARTICIPANT_KIND_STANDARD,
              name: str = "", attributes: dict[str, str] | None = None, metadata: str = "") -> LocalParticipant:

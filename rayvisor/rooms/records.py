@@ -7,10 +7,19 @@ import enum
 from livekit import rtc
 from pydantic import Field, field_validator
 
+from typing import ClassVar
+
+from ..errors import InvalidRoomRequest, RayvisorError
 from ..messages import MAX_IDENTITY_CHARS, MAX_ROOM_NAME_CHARS, Record, register
 
 RoomName = str
 _KINDS = frozenset(value for _, value in rtc.ParticipantKind.items())
+
+
+class RoomRecord(Record):
+    """A room backend record: invalid ones are ``InvalidRoomRequest``."""
+
+    invalid_error: ClassVar[type[RayvisorError]] = InvalidRoomRequest
 
 
 class RoomEventType(str, enum.Enum):
@@ -28,7 +37,7 @@ class RoomEventType(str, enum.Enum):
 
 
 @register
-class ParticipantInfo(Record):
+class ParticipantInfo(RoomRecord):
     identity: str = Field(min_length=1, max_length=MAX_IDENTITY_CHARS)
     name: str = ""
     kind: int = rtc.ParticipantKind.PARTICIPANT_KIND_STANDARD
@@ -44,7 +53,7 @@ class ParticipantInfo(Record):
 
 
 @register
-class RoomEvent(Record):
+class RoomEvent(RoomRecord):
     seq: int
     type: RoomEventType = Field(strict=False)
     participant: ParticipantInfo | None = None
@@ -61,13 +70,13 @@ class RoomEvent(Record):
 
 
 @register
-class JoinRequest(Record):
+class JoinRequest(RoomRecord):
     room: RoomName = Field(min_length=1, max_length=MAX_ROOM_NAME_CHARS)
     participant: ParticipantInfo
 
 
 @register
-class RoomSnapshot(Record):
+class RoomSnapshot(RoomRecord):
     """What a participant sees on joining: the room and everybody else in it."""
 
     room: RoomName
@@ -78,25 +87,25 @@ class RoomSnapshot(Record):
 
 
 @register
-class ParticipantRef(Record):
+class ParticipantRef(RoomRecord):
     room: RoomName = Field(min_length=1, max_length=MAX_ROOM_NAME_CHARS)
     identity: str = Field(min_length=1, max_length=MAX_IDENTITY_CHARS)
 
 
 @register
-class SetAttributesRequest(Record):
+class SetAttributesRequest(RoomRecord):
     who: ParticipantRef
     attributes: dict[str, str]
 
 
 @register
-class SetMetadataRequest(Record):
+class SetMetadataRequest(RoomRecord):
     who: ParticipantRef
     metadata: str
 
 
 @register
-class SendRequest(Record):
+class SendRequest(RoomRecord):
     """Text (a text stream) or bytes (a data packet) from one participant."""
 
     who: ParticipantRef
@@ -107,21 +116,21 @@ class SendRequest(Record):
 
 
 @register
-class PollRequest(Record):
+class PollRequest(RoomRecord):
     connection_id: str
     after_seq: int = Field(ge=0)
     timeout: float = Field(ge=0)
 
 
 @register
-class EventBatch(Record):
+class EventBatch(RoomRecord):
     events: list[RoomEvent]
     closed: bool
     """True once the connection has ended (left, replaced, or the room was deleted)."""
 
 
 @register
-class MessagesRequest(Record):
+class MessagesRequest(RoomRecord):
     connection_id: str
     count: int = Field(default=0, ge=0)
     topic: str | None = None
@@ -129,7 +138,7 @@ class MessagesRequest(Record):
 
 
 @register
-class ReceivedMessage(Record):
+class ReceivedMessage(RoomRecord):
     sender: str
     topic: str
     text: str | None = None
@@ -141,26 +150,26 @@ class ReceivedMessage(Record):
 
 
 @register
-class ReceivedMessages(Record):
+class ReceivedMessages(RoomRecord):
     messages: list[ReceivedMessage]
 
 
 @register
-class RoomRequest(Record):
+class RoomRequest(RoomRecord):
     room: RoomName = Field(min_length=1, max_length=MAX_ROOM_NAME_CHARS)
 
 
 @register
-class RoomMetadataRequest(Record):
+class RoomMetadataRequest(RoomRecord):
     room: RoomName = Field(min_length=1, max_length=MAX_ROOM_NAME_CHARS)
     metadata: str
 
 
 @register
-class ParticipantList(Record):
+class ParticipantList(RoomRecord):
     participants: list[ParticipantInfo]
 
 
 @register
-class RoomNames(Record):
+class RoomNames(RoomRecord):
     names: list[str]

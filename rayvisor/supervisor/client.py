@@ -14,11 +14,11 @@ from typing import Any
 
 import ray
 from ray import cloudpickle
-from ray.exceptions import GetTimeoutError, RayActorError
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ..agents.options import WorkerOptions
-from ..errors import SupervisorNotFound, SupervisorUnavailable, WaitTimeout
+from ..errors import InternalError, SupervisorNotFound, SupervisorUnavailable, WaitTimeout
 from ..messages import (
     Ack,
     EventsRequest,
@@ -35,6 +35,7 @@ from ..messages import (
     encode,
 )
 from ..rooms.local import DEFAULT_NAMESPACE, ROOM_SERVER_NAME, LocalRooms, room_server
+from .job_handle import JOB_ACTOR_PREFIX
 from .supervisor import SUPERVISOR_NAME, Supervisor
 
 logger = logging.getLogger("rayvisor.client")
@@ -128,6 +129,8 @@ class Client:
             raise SupervisorUnavailable(f"the supervisor did not answer within {timeout or self.call_timeout}s") from None
         except RayActorError as err:
             raise SupervisorUnavailable(f"the supervisor is unavailable: {err}") from None
+        except RayTaskError as err:  # e.g. options that cannot be unpickled in the supervisor
+            raise InternalError(f"the supervisor could not run the call: {err.cause or err}") from None
         return decode_reply(data, *reply)
 
     def _call(self, method: str, request: Record, *reply: type[Record], timeout: float | None = None) -> Any:
@@ -139,35 +142,41 @@ class Client:
         return self._call("submit", spec, JobInfo).id
 
     def status(self, job_id: str) -> JobInfo:
-        return self._call("status", JobIdRequest(job_id=job_id), JobInfo)
+        return self._call("status", JobIdRequest.build(job_id=job_id), JobInfo)
 
     def list(self) -> list[JobInfo]:
         return self._call("list_jobs", JobIdRequest(job_id=""), JobList).jobs
 
     def shutdown(self, job_id: str, reason: str = "") -> JobInfo:
         """Start the job's shutdown protocol; returns at once (see ``wait``)."""
-        return self._call("shutdown", ShutdownJobRequest(job_id=job_id, reason=reason), JobInfo)
+        return self._call("shutdown", ShutdownJobRequest.build(job_id=job_id, reason=reason), JobInfo)
 
     def wait(self, job_id: str, timeout: float = 60.0) -> JobInfo:
         """The job's terminal ``JobInfo``; ``WaitTimeout`` if it is still live after ``timeout``."""
-        return self._call("wait", WaitRequest(job_id=job_id, timeout=timeout), JobInfo,
+        return self._call("wait", WaitRequest.build(job_id=job_id, timeout=timeout), JobInfo,
                           timeout=timeout + self.call_timeout)
 
     def events(self, after_seq: int = -1, timeout: float = 0.0) -> list[Transition]:
         """State transitions after ``after_seq`` (waits up to ``timeout`` for the next)."""
-        return self._call("events", EventsRequest(after_seq=after_seq, timeout=timeout), TransitionList,
+        return self._call("events", EventsRequest.build(after_seq=after_seq, timeout=timeout), TransitionList,
                           timeout=timeout + self.call_timeout).events
 
     def stop(self, timeout: float = 120.0) -> None:
-        """Shut every job down through the protocol, then remove the supervisor and local rooms."""
+        """Shut every job down through the protocol (new submits get ``Draining``), then remove
+        the supervisor, the local rooms, and any job actor still alive after ``timeout``."""
         try:
             self._call("stop", JobIdRequest(job_id=""), Ack, timeout=timeout)
+        except SupervisorUnavailable:
+            pass  # already stopped (or dead): still clean up below
         finally:
-            ray.kill(self._handle, no_restart=True)
-            try:
-                ray.kill(ray.get_actor(ROOM_SERVER_NAME, namespace=self.namespace), no_restart=True)
-            except ValueError:
-                pass
+            for actor in ray.util.list_named_actors(all_namespaces=True):
+                name = actor["name"]
+                if actor["namespace"] == self.namespace and (
+                        name.startswith(JOB_ACTOR_PREFIX) or name in (SUPERVISOR_NAME, ROOM_SERVER_NAME)):
+                    try:
+                        ray.kill(ray.get_actor(name, namespace=self.namespace), no_restart=True)
+                    except ValueError:
+                        pass  # ended meanwhile
 
     def wait_for_state(self, job_id: str, *states: Any, timeout: float = 10.0, poll: float = 0.02) -> JobInfo:
         """Poll ``status`` until the job is in one of ``states`` (``WaitTimeout`` otherwise)."""

@@ -41,12 +41,14 @@ class JobActorHandle:
     def create(cls, *, job_id: str, opts: WorkerOptions, supervisor: Any, namespace: str) -> "JobActorHandle":
         """Ask Ray for the job's actor: named and detached, so it outlives the supervisor."""
         name = JOB_ACTOR_PREFIX + job_id
+        custom = dict(opts.job_resources)
         actor = JobActor.options(
             name=name,
             namespace=namespace,
             lifetime="detached",
-            num_cpus=0,
-            resources=dict(opts.job_resources),
+            num_cpus=custom.pop("CPU", 0),  # Ray takes CPU and GPU as options, not as resources
+            num_gpus=custom.pop("GPU", 0),
+            resources=custom,
             max_restarts=0,
             max_concurrency=1000,
         ).remote(opts, supervisor, namespace)

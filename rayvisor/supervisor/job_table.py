@@ -36,6 +36,8 @@ class JobRecord:
     id: str
     spec: JobSpec
     agent_name: str
+    shutdown_budget: float
+    """The agent's ``shutdown_process_timeout`` when the job was admitted."""
     state: JobState = JobState.PENDING
     cause: Cause | None = None
     reason: str = ""
@@ -55,10 +57,15 @@ class JobRecord:
     def is_terminal(self) -> bool:
         return self.state in TERMINAL_STATES
 
-    def info(self) -> JobInfo:
+    @property
+    def identity(self) -> str:
+        """The job's participant identity in its room."""
+        return f"agent-{self.id}"
+
+    def info(self, *, with_metadata: bool = True) -> JobInfo:
         return JobInfo(
             id=self.id, state=self.state, room=self.spec.room, agent_name=self.agent_name,
-            metadata=self.spec.metadata, cause=self.cause, reason=self.reason, error=self.error,
+            metadata=self.spec.metadata if with_metadata else "", cause=self.cause, reason=self.reason, error=self.error,
             pid=self.pid, node_id=self.node_id, restarts=self.restarts,
             participants=list(self.participants), timestamps=dict(self.timestamps),
         )
@@ -66,6 +73,9 @@ class JobRecord:
 
 class JobTable:
     """All jobs, a bounded history of finished ones, and the stream of transitions."""
+
+    MAX_EVENTS_PER_REPLY = 1_000
+    """Transitions returned by one ``events_after`` call; callers page with ``after_seq``."""
 
     def __init__(self, *, finished_job_history: int, event_history: int) -> None:
         self._jobs: dict[str, JobRecord] = {}
@@ -128,10 +138,12 @@ class JobTable:
     async def events_after(self, seq: int, timeout: float) -> list[Transition]:
         """Transitions after ``seq``; waits up to ``timeout`` for the next one if there are none."""
         events = [e for e in self._events if e.seq > seq]
-        if not events and timeout > 0:
+        if events:
+            return events[: self.MAX_EVENTS_PER_REPLY]
+        if timeout > 0:
             try:
                 await asyncio.wait_for(self._new_event.wait(), timeout)
             except asyncio.TimeoutError:
                 return []
             events = [e for e in self._events if e.seq > seq]
-        return events
+        return events[: self.MAX_EVENTS_PER_REPLY]

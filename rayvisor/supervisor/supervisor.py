@@ -18,7 +18,7 @@ import ray
 
 from ..agents.options import WorkerOptions
 from ..aio import supervised_task
-from ..errors import JobNotFound, MetadataTooLarge, UnknownAgent, WaitTimeout
+from ..errors import Draining, JobNotFound, MetadataTooLarge, UnknownAgent, WaitTimeout
 from ..logs import configure as configure_logging
 from ..messages import (
     Ack,
@@ -40,6 +40,7 @@ from ..messages import (
     encode,
     endpoint,
 )
+from ..rooms.local import evict_participant
 from .job_handle import ActorGone, JobActorHandle, StartError
 from .job_table import JobRecord, JobTable
 
@@ -67,6 +68,7 @@ class Supervisor:
             finished_job_history=opts.finished_job_history, event_history=opts.event_history
         )
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._stopping = False
 
     # -- agents ----------------------------------------------------------------------
 
@@ -96,7 +98,10 @@ class Supervisor:
             raise MetadataTooLarge(
                 f"metadata is {size} bytes; the limit is max_metadata_bytes={self._settings.max_metadata_bytes}"
             )
-        record = JobRecord(id=new_job_id(), spec=spec, agent_name=opts.agent_name)
+        if self._stopping:
+            raise Draining("the supervisor is stopping and admits no new jobs")
+        record = JobRecord(id=new_job_id(), spec=spec, agent_name=opts.agent_name,
+                           shutdown_budget=opts.shutdown_process_timeout)
         self._table.add(record)
         supervised_task(self._run_job(record, opts), name=f"job:{record.id}", logger=logger, tasks=self._tasks)
         return record.info()
@@ -107,8 +112,9 @@ class Supervisor:
 
     @endpoint(JobIdRequest)
     async def list_jobs(self, request: JobIdRequest) -> JobList:
-        """Every job in the table (the request's job id is ignored)."""
-        return JobList(jobs=[r.info() for r in self._table.all()])
+        """Every job in the table, without metadata (``status`` has it), so the reply stays
+        small however large the history (the request's job id is ignored)."""
+        return JobList(jobs=[r.info(with_metadata=False) for r in self._table.all()])
 
     @endpoint(ShutdownJobRequest)
     async def shutdown(self, request: ShutdownJobRequest) -> JobInfo:
@@ -121,6 +127,8 @@ class Supervisor:
     async def wait(self, request: WaitRequest) -> JobInfo:
         """The job's terminal record, waiting up to ``timeout`` seconds for it."""
         record = self._record(request.job_id)
+        if record.is_terminal:
+            return record.info()
         try:
             await asyncio.wait_for(record.finished.wait(), request.timeout)
         except asyncio.TimeoutError:
@@ -136,7 +144,8 @@ class Supervisor:
 
     @endpoint(JobIdRequest)
     async def stop(self, request: JobIdRequest) -> Ack:
-        """Shut every live job down through the protocol and wait for them all to end."""
+        """Refuse new jobs, shut every live job down through the protocol, wait for them all."""
+        self._stopping = True
         live = self._table.live()
         for record in live:
             self._begin_shutdown(record, Cause.SUPERVISOR_STOPPED, "supervisor stopping", notify_actor=True)
@@ -174,6 +183,21 @@ class Supervisor:
         return ray.get_runtime_context().current_actor
 
     async def _run_job(self, record: JobRecord, opts: WorkerOptions) -> None:
+        """Drive one job to its end; whatever goes wrong, no job is left live with nobody driving it."""
+        try:
+            await self._drive_job(record, opts)
+        except Exception as err:
+            logger.exception("driving job %s failed", record.id, extra={"job_id": record.id})
+            if record.actor is not None:
+                record.actor.kill()
+            if not record.is_terminal:
+                cause = Cause.START_FAILED if record.pid is None else Cause.ACTOR_CRASHED
+                self._table.transition(record, JobState.FAILED, cause=cause, error=f"{type(err).__name__}: {err}")
+        finally:
+            # A killed or crashed job never left its room; take its participant out (idempotent).
+            evict_participant(self._namespace, record.spec.room, record.identity)
+
+    async def _drive_job(self, record: JobRecord, opts: WorkerOptions) -> None:
         """Create the job's actor, start it, and wait for its outcome or its death."""
         handle = JobActorHandle.create(
             job_id=record.id, opts=opts, supervisor=self._self_handle(), namespace=self._namespace
@@ -186,7 +210,7 @@ class Supervisor:
         start = JobStart(
             job_id=record.id, room=record.spec.room, metadata=record.spec.metadata,
             agent_name=opts.agent_name, dispatch_id=record.spec.dispatch_id,
-            worker_id=self._worker_id, identity=f"agent-{record.id}",
+            worker_id=self._worker_id, identity=record.identity,
         )
         try:
             started = await handle.start(start, opts.initialize_process_timeout)
@@ -203,6 +227,7 @@ class Supervisor:
         try:
             outcome = await handle.wait_done()
         except ActorGone as err:
+            handle.kill()  # unreachable is not necessarily dead: make sure it is
             if not record.is_terminal:
                 self._table.transition(record, JobState.FAILED, cause=Cause.ACTOR_CRASHED, error=str(err))
             return
@@ -221,7 +246,7 @@ class Supervisor:
         """Record SHUTTING_DOWN with its deadline, tell the actor, and arm the kill timer."""
         if record.state not in LIVE_BEFORE_SHUTDOWN:
             return
-        budget = self._agents.get(record.agent_name, self._settings).shutdown_process_timeout
+        budget = record.shutdown_budget
         record.deadline = time.monotonic() + budget
         self._table.transition(record, JobState.SHUTTING_DOWN, cause=cause, reason=reason, error=error)
         if notify_actor and record.actor is not None:
