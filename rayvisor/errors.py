@@ -50,6 +50,12 @@ class InvalidAgent(RayvisorError, TypeError):
     code = "invalid_agent"
 
 
+class DuplicateEntrypoint(RayvisorError, ValueError):
+    """The same participant entrypoint function was added twice to a job."""
+
+    code = "duplicate_entrypoint"
+
+
 class AgentLoadError(RayvisorError, ImportError):
     """An agent file or import path could not be loaded."""
 

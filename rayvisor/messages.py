@@ -248,12 +248,49 @@ class ShutdownStarted(Record):
     error: str | None = None
 
 
+class ParticipantActorState(str, enum.Enum):
+    """Lifecycle of one participant entrypoint's child actor."""
+
+    STARTING = "STARTING"
+    RUNNING = "RUNNING"
+    STOPPING = "STOPPING"
+    STOPPED = "STOPPED"
+    FAILED = "FAILED"
+    KILLED = "KILLED"
+
+
+class ParticipantCause(str, enum.Enum):
+    """Why a participant actor ended."""
+
+    PARTICIPANT_LEFT = "participant_left"
+    JOB_ENDED = "job_ended"
+    ENTRYPOINT_ERROR = "entrypoint_error"
+    ACTOR_CRASHED = "actor_crashed"
+    START_FAILED = "start_failed"
+    SHUTDOWN_TIMEOUT = "shutdown_timeout"
+
+
+@register
+class ParticipantActorInfo(Record):
+    """One participant entrypoint's child actor, as ``status`` shows it."""
+
+    identity: str
+    entrypoint: str
+    state: ParticipantActorState = Field(strict=False)
+    pid: int | None = None
+    node_id: str | None = None
+    restarts: int = 0
+    cause: ParticipantCause | None = Field(default=None, strict=False)
+    error: str | None = None
+
+
 @register
 class ParticipantsChanged(Record):
-    """Job actor -> supervisor: the remote participants the job currently sees."""
+    """Job actor -> supervisor: who the job sees, and its participant actors."""
 
     job_id: str
     identities: list[str]
+    actors: list[ParticipantActorInfo] = []
 
 
 @register
@@ -282,6 +319,8 @@ class JobInfo(Record):
     node_id: str | None = None
     restarts: int = 0
     participants: list[str] = []
+    participant_actors: list[ParticipantActorInfo] = []
+    """Child actors of participant entrypoints, current and ended (crashes keep their error)."""
     timestamps: dict[str, float] = {}
     """Wall-clock time (``time.time()``) at which the job entered each state, by state name."""
 

@@ -34,3 +34,10 @@ def job_actor_names(namespace: str) -> list[str]:
         a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
         if a["namespace"] == namespace and a["name"].startswith("rayvisor-job-")
     ]
+
+
+def alive_actors(class_name: str) -> list[dict[str, Any]]:
+    """Ray's own actor table (from the GCS): the actors of ``class_name`` still ALIVE."""
+    import ray._private.state as ray_state
+
+    return [a for a in ray_state.actors().values() if a["ActorClassName"] == class_name and a["State"] == "ALIVE"]

@@ -12,13 +12,14 @@ import asyncio
 import enum
 import logging
 import os
-import traceback
+import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import ray
 from livekit import rtc
 
-from ..agents.job import JobContext, JobProcess, callback_takes_reason, make_job
+from ..agents.job import JobContext, JobProcess, make_job
 from ..agents.options import EndWhen, WorkerOptions
 from ..agents.room import RemoteParticipant
 from ..aio import supervised_task
@@ -35,14 +36,16 @@ from ..messages import (
     ShutdownStarted,
     decode,
     encode,
+    endpoint,
 )
 from ..rooms.base import RoomConnection
+from ..errors import NotConnected
 from ..rooms.local import LocalRoomConnection
+from ..rooms.records import RelayAction, RelayRequest
+from .participants import ParticipantManager
+from .lifecycle import cancel_and_wait, describe_exception, join_errors, run_shutdown_callbacks
 
 logger = logging.getLogger("rayvisor.job")
-
-MAX_ERROR_CHARS = 8_000
-"""Error text kept on a job record (the full traceback goes to the job's log)."""
 
 ROOM_ENDING_KINDS = frozenset({
     rtc.ParticipantKind.PARTICIPANT_KIND_STANDARD,
@@ -66,16 +69,12 @@ class JobReporter(Protocol):
     def participants_changed(self, record: ParticipantsChanged) -> None: ...
 
 
-def describe_exception(err: BaseException) -> str:
-    text = "".join(traceback.format_exception(err))
-    return text[-MAX_ERROR_CHARS:]
-
-
 class JobRunner:
     """Runs one job: entrypoint, end conditions, and the shutdown sequence, once."""
 
     def __init__(self, opts: WorkerOptions, start: JobStart, proc: JobProcess,
-                 connection: RoomConnection, reporter: JobReporter) -> None:
+                 connection: RoomConnection, reporter: JobReporter,
+                 job_actor: Callable[[], Any] = lambda: None) -> None:
         self._opts = opts
         self._start = start
         self._reporter = reporter
@@ -86,6 +85,7 @@ class JobRunner:
         self._entry_task: asyncio.Task[None] | None = None
         self._done = asyncio.Event()
         self._outcome: JobOutcome | None = None
+        self._shutdown_started: float | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self.ctx = JobContext(
             job=make_job(job_id=start.job_id, room=start.room, metadata=start.metadata,
@@ -96,9 +96,14 @@ class JobRunner:
             connection=connection,
             request_shutdown=lambda cause, reason: self.request_shutdown(cause, reason),
             room_poll_timeout=opts.room_poll_timeout,
+            on_participant_entrypoint=lambda entry: self.participants.on_entrypoint(entry),
         )
+        self.participants = ParticipantManager(
+            ctx=self.ctx, opts=opts, start=start, job_actor=job_actor, on_change=self._on_participants_changed)
         room = self.ctx.room
         room.on("connected", self._on_participants_changed)
+        room.on("connected", self.participants.on_connected)
+        room._listen_records(self.participants.on_record)
         room.on("participant_connected", self._on_participants_changed)
         room.on("participant_disconnected", self._on_participant_disconnected)
         room.on("disconnected", self._on_disconnected)
@@ -129,6 +134,7 @@ class JobRunner:
         if self.state in (RunnerState.SHUTTING_DOWN, RunnerState.DONE):
             return
         self.state = RunnerState.SHUTTING_DOWN
+        self._shutdown_started = time.monotonic()
         self._cause, self._reason = cause, reason
         logger.info("job shutting down", extra={"cause": cause.value, "reason": reason})
         if not from_supervisor:
@@ -139,40 +145,27 @@ class JobRunner:
         supervised_task(self._shutdown(), name="job-shutdown", logger=logger, tasks=self._tasks)
 
     async def _shutdown(self) -> None:
-        entry = self._entry_task
-        if entry is not None and not entry.done():
-            entry.cancel()
-            # Wait for the entrypoint to really end: one that swallows cancellation keeps
-            # us here until the supervisor kills the actor at the deadline.
-            await asyncio.wait({entry})
-            if not entry.cancelled() and entry.exception() is None:
-                logger.warning("the entrypoint returned normally after being cancelled; "
-                               "re-raise CancelledError after cleanup so callers see the cancellation")
-        if entry is not None and entry.done() and not entry.cancelled() and entry.exception() is not None:
-            if self._cause != Cause.ENTRYPOINT_ERROR:
-                self._errors.append(describe_exception(entry.exception()))
-        for callback in self.ctx.shutdown_callbacks:
-            try:
-                if callback_takes_reason(callback):
-                    result = callback(self._reason)
-                else:
-                    result = callback()
-                if asyncio.iscoroutine(result):
-                    await result
-            except Exception as err:
-                logger.exception("shutdown callback %r raised", callback)
-                self._errors.append(f"shutdown callback {getattr(callback, '__name__', callback)!r} raised:\n"
-                                    + describe_exception(err))
+        error = await cancel_and_wait(self._entry_task, logger)
+        if error is not None and self._cause != Cause.ENTRYPOINT_ERROR:
+            self._errors.append(describe_exception(error))
+        await self.participants.stop_all(self._remaining_budget())
+        self._errors += await run_shutdown_callbacks(self.ctx.shutdown_callbacks, self._reason, logger)
         try:
             await asyncio.wait_for(self.ctx.room._disconnect(), self._opts.control_call_timeout)
         except Exception as err:
             logger.warning("leaving the room failed: %r", err)
-        state = JobState.FAILED if self._errors else JobState.SUCCEEDED
-        error = "\n".join(self._errors)[-MAX_ERROR_CHARS:] if self._errors else None
         assert self._cause is not None
-        self._outcome = JobOutcome(state=state, cause=self._cause, reason=self._reason, error=error)
+        self._outcome = JobOutcome(
+            state=JobState.FAILED if self._errors else JobState.SUCCEEDED,
+            cause=self._cause, reason=self._reason, error=join_errors(self._errors),
+        )
         self.state = RunnerState.DONE
         self._done.set()
+
+    def _remaining_budget(self) -> float:
+        """What is left of the job's shutdown budget (the supervisor's clock is authoritative)."""
+        assert self._shutdown_started is not None
+        return max(0.0, self._shutdown_started + self._opts.shutdown_process_timeout - time.monotonic())
 
     async def wait_done(self) -> JobOutcome:
         await self._done.wait()
@@ -183,7 +176,27 @@ class JobRunner:
 
     def _on_participants_changed(self, _participant: RemoteParticipant | None = None) -> None:
         self._reporter.participants_changed(ParticipantsChanged(
-            job_id=self._start.job_id, identities=sorted(self.ctx.room.remote_participants)))
+            job_id=self._start.job_id, identities=sorted(self.ctx.room.remote_participants),
+            actors=self.participants.infos()))
+
+    async def relay(self, request: RelayRequest) -> None:
+        """Act on the room for a participant actor (it has no connection of its own)."""
+        if request.action == RelayAction.SHUTDOWN:
+            self.ctx.shutdown(request.reason)
+        elif request.action == RelayAction.DELETE_ROOM:
+            await self.ctx.delete_room()
+        else:
+            local = self.ctx.room.local_participant
+            if request.action == RelayAction.SEND and request.text is not None:
+                await local.send_text(request.text, topic=request.topic,
+                                      destination_identities=request.destination_identities)
+            elif request.action == RelayAction.SEND:
+                await local.publish_data(request.data or b"", topic=request.topic,
+                                         destination_identities=request.destination_identities)
+            elif request.action == RelayAction.SET_ATTRIBUTES:
+                await local.set_attributes(request.attributes)
+            elif request.action == RelayAction.SET_METADATA:
+                await local.set_metadata(request.metadata)
 
     def _on_participant_disconnected(self, participant: RemoteParticipant) -> None:
         self._on_participants_changed()
@@ -253,7 +266,8 @@ class JobActor:
         self._configure_logging(start)
         self._prewarm()
         connection = LocalRoomConnection(self._namespace, call_timeout=self._opts.control_call_timeout)
-        self._runner = JobRunner(self._opts, start, self._proc, connection, _SupervisorReporter(self._supervisor))
+        self._runner = JobRunner(self._opts, start, self._proc, connection, _SupervisorReporter(self._supervisor),
+                                 job_actor=lambda: ray.get_runtime_context().current_actor)
         self._runner_ready.set()
         if self._early_shutdown is not None:
             self._runner.request_shutdown(self._early_shutdown.cause, self._early_shutdown.reason, from_supervisor=True)
@@ -282,3 +296,10 @@ class JobActor:
 
     async def ping(self) -> bytes:
         return encode(Ack())
+
+    @endpoint(RelayRequest)
+    async def relay(self, request: RelayRequest) -> None:
+        """A participant actor's room action, performed on this job's connection."""
+        if self._runner is None:
+            raise NotConnected("the job has not started")
+        await self._runner.relay(request)

@@ -6,13 +6,14 @@ import asyncio
 import inspect
 import os
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any
 
 from livekit import rtc
 from livekit.protocol import agent as agent_proto
 from livekit.protocol import models as models_proto
 
-from ..errors import InvalidAgent, LiveKitNotConfigured, NotConnected
+from ..errors import DuplicateEntrypoint, InvalidAgent, LiveKitNotConfigured, NotConnected
 from ..messages import Cause
 from ..rooms.base import RoomConnection
 from ..rooms.records import ParticipantInfo
@@ -21,11 +22,27 @@ from .room import RemoteParticipant, Room
 
 ShutdownCallback = Callable[[], Coroutine[Any, Any, None]] | Callable[[str], Coroutine[Any, Any, None]]
 ShutdownHook = Callable[[Cause, str], None]
+ParticipantEntrypointFnc = Callable[[Any, RemoteParticipant], Coroutine[Any, Any, None]]
 
 DEFAULT_PARTICIPANT_KINDS = (
     rtc.ParticipantKind.PARTICIPANT_KIND_SIP,
     rtc.ParticipantKind.PARTICIPANT_KIND_STANDARD,
 )
+
+
+@dataclass(frozen=True)
+class ParticipantEntrypoint:
+    """A function registered with ``ctx.add_participant_entrypoint`` and the kinds it is for."""
+
+    fnc: ParticipantEntrypointFnc
+    kinds: frozenset[int]
+
+    @property
+    def name(self) -> str:
+        return f"{getattr(self.fnc, '__module__', '?')}.{getattr(self.fnc, '__qualname__', repr(self.fnc))}"
+
+    def wants(self, participant: RemoteParticipant) -> bool:
+        return participant.kind in self.kinds
 
 
 class JobProcess:
@@ -53,6 +70,7 @@ class JobContext:
         connection: RoomConnection,
         request_shutdown: ShutdownHook,
         room_poll_timeout: float,
+        on_participant_entrypoint: Callable[[ParticipantEntrypoint], None] = lambda entry: None,
     ) -> None:
         self._job = job
         self._proc = proc
@@ -66,6 +84,8 @@ class JobContext:
         self._log_context_fields: dict[str, Any] = {}
         self._auto_subscribe = AutoSubscribe.SUBSCRIBE_ALL
         self._participant_waiters: list[tuple[asyncio.Future[RemoteParticipant], Callable[[RemoteParticipant], bool]]] = []
+        self._participant_entrypoints: list[ParticipantEntrypoint] = []
+        self._on_participant_entrypoint = on_participant_entrypoint
         self._room.on("participant_connected", self._on_participant_connected)
 
     # -- what the entrypoint reads ----------------------------------------------------
@@ -147,6 +167,26 @@ class JobContext:
             if not future.done() and matches(participant):
                 future.set_result(participant)
 
+    def add_participant_entrypoint(
+        self, entrypoint_fnc: ParticipantEntrypointFnc, *_: Any,
+        kind: list[int] | int = DEFAULT_PARTICIPANT_KINDS,
+    ) -> None:
+        """Run ``await entrypoint_fnc(ctx, participant)`` for every participant of ``kind`` in
+        the room, now and as they join. With ``isolate_participants`` (the default) each runs
+        in its own child actor, so one that crashes cannot take the job down."""
+        if any(entry.fnc is entrypoint_fnc for entry in self._participant_entrypoints):
+            raise DuplicateEntrypoint(f"{entrypoint_fnc!r} was already added: entrypoints cannot be added more than once")
+        if not inspect.iscoroutinefunction(entrypoint_fnc):
+            raise InvalidAgent(f"a participant entrypoint must be an `async def (ctx, participant)`, got {entrypoint_fnc!r}")
+        kinds = frozenset({kind} if isinstance(kind, int) else kind)
+        entry = ParticipantEntrypoint(fnc=entrypoint_fnc, kinds=kinds)
+        self._participant_entrypoints.append(entry)
+        self._on_participant_entrypoint(entry)
+
+    @property
+    def participant_entrypoints(self) -> list[ParticipantEntrypoint]:
+        return list(self._participant_entrypoints)
+
     def add_shutdown_callback(self, callback: ShutdownCallback) -> None:
         """Run ``callback()`` or ``callback(reason)`` once, when the job shuts down."""
         if not callable(callback):
@@ -172,13 +212,3 @@ def make_job(*, job_id: str, room: str, metadata: str, agent_name: str, dispatch
         agent_name=agent_name,
         metadata=metadata,
     )
-
-
-def callback_takes_reason(callback: ShutdownCallback) -> bool:
-    """True when a shutdown callback accepts the reason argument."""
-    try:
-        params = inspect.signature(callback).parameters.values()
-    except (TypeError, ValueError):
-        return False
-    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)]
-    return bool(positional)

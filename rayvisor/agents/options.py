@@ -24,6 +24,15 @@ class AutoSubscribe(str, enum.Enum):
     VIDEO_ONLY = "video_only"
 
 
+class RestartPolicy(str, enum.Enum):
+    """OTP restart types."""
+
+    TEMPORARY = "temporary"
+    """Never restarted."""
+    TRANSIENT = "transient"
+    """Restarted after an abnormal end (a crash or an error)."""
+
+
 class EndWhen(str, enum.Enum):
     """When a job ends on its own, besides an explicit shutdown or the room's deletion."""
 
@@ -52,6 +61,19 @@ class WorkerOptions:
     end_when: EndWhen = EndWhen.ROOM_EMPTY
     """Which room condition ends a job on its own (see ``EndWhen``)."""
 
+    isolate_participants: bool = True
+    """Run each participant entrypoint in its own child actor (crash isolation); False runs
+    them as tasks in the job's process, as LiveKit Agents does."""
+    participant_restart: RestartPolicy = RestartPolicy.TEMPORARY
+    """Restart a participant entrypoint's child actor after it crashed or raised
+    (``transient``) while the participant is still in the room, or never (``temporary``)."""
+    participant_shutdown_timeout: float = 10.0
+    """Budget (seconds) for a participant actor's shutdown callbacks when its participant
+    leaves; it is killed after that. During a job's shutdown the job's budget also bounds it."""
+    max_restarts: int = 3
+    """Restart intensity: at most this many restarts within ``restart_window`` seconds."""
+    restart_window: float = 60.0
+
     job_resources: dict[str, float] = field(default_factory=dict)
     """Ray resources each job actor asks for (e.g. ``{"GPU": 1}`` or a custom resource);
     without ``"CPU"`` here, job actors reserve no CPU (``num_cpus=0``)."""
@@ -78,8 +100,8 @@ class WorkerOptions:
             raise InvalidAgent("prewarm_fnc must be a plain (non-async) function taking a JobProcess")
         if not isinstance(self.agent_name, str):
             raise InvalidAgent(f"agent_name must be a string, got {type(self.agent_name).__name__}")
-        for name in ("shutdown_process_timeout", "initialize_process_timeout",
-                     "control_call_timeout", "room_poll_timeout"):
+        for name in ("shutdown_process_timeout", "initialize_process_timeout", "control_call_timeout",
+                     "room_poll_timeout", "participant_shutdown_timeout", "restart_window"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise InvalidAgent(f"{name} must be a positive number of seconds, got {value!r}")
@@ -87,10 +109,13 @@ class WorkerOptions:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise InvalidAgent(f"{name} must be a positive integer, got {value!r}")
-        try:
-            object.__setattr__(self, "end_when", EndWhen(self.end_when))
-        except ValueError:
-            raise InvalidAgent(f"end_when must be one of {[e.value for e in EndWhen]}") from None
+        for name, kind in (("end_when", EndWhen), ("participant_restart", RestartPolicy)):
+            try:
+                object.__setattr__(self, name, kind(getattr(self, name)))
+            except ValueError:
+                raise InvalidAgent(f"{name} must be one of {[e.value for e in kind]}") from None
+        if not isinstance(self.max_restarts, int) or self.max_restarts < 0:
+            raise InvalidAgent(f"max_restarts must be a non-negative integer, got {self.max_restarts!r}")
         if not all(isinstance(k, str) and isinstance(v, (int, float)) and math.isfinite(v) and v >= 0
                    for k, v in self.job_resources.items()):
             raise InvalidAgent("job_resources must map resource names to non-negative amounts")

@@ -142,6 +142,7 @@ class Room:
         self._remote: dict[str, RemoteParticipant] = {}
         self._handlers: dict[str, list[Callable[..., Any]]] = {}
         self._text_handlers: dict[str, TextStreamHandler] = {}
+        self._record_listeners: list[Callable[[RoomEvent], None]] = []
         self._state = rtc.ConnectionState.CONN_DISCONNECTED
         self._seq = 0
         self._pump: asyncio.Task[Any] | None = None
@@ -300,7 +301,27 @@ class Room:
             participant._update(info)
         return participant
 
+    def _listen_records(self, listener: Callable[[RoomEvent], None]) -> None:
+        """Also hand every backend event, after it was applied and emitted, to ``listener``."""
+        self._record_listeners.append(listener)
+
+    def _participant_info(self, identity: str) -> ParticipantInfo | None:
+        participant = self._remote.get(identity)
+        return participant._info if participant is not None else None
+
+    @property
+    def _local_info(self) -> ParticipantInfo:
+        return self.local_participant._info
+
     def _apply(self, event: RoomEvent) -> None:
+        self._apply_event(event)
+        for listener in list(self._record_listeners):
+            try:
+                listener(event)
+            except Exception:
+                logger.exception("room record listener failed")
+
+    def _apply_event(self, event: RoomEvent) -> None:
         """Update the facade's state from one backend event, then emit LiveKit's event."""
         kind = event.type
         if kind == RoomEventType.PARTICIPANT_CONNECTED and event.participant:

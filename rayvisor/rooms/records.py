@@ -173,3 +173,25 @@ class ParticipantList(RoomRecord):
 @register
 class RoomNames(RoomRecord):
     names: list[str]
+
+
+class RelayAction(str, enum.Enum):
+    """What a participant actor asks its job to do on the room connection it shares."""
+
+    SEND = "send"
+    SET_ATTRIBUTES = "set_attributes"
+    SET_METADATA = "set_metadata"
+    DELETE_ROOM = "delete_room"
+    SHUTDOWN = "shutdown"
+
+
+@register
+class RelayRequest(RoomRecord):
+    action: RelayAction = Field(strict=False)
+    topic: str = ""
+    text: str | None = None
+    data: bytes | None = None
+    destination_identities: list[str] = []
+    attributes: dict[str, str] = {}
+    metadata: str = ""
+    reason: str = ""

@@ -9,7 +9,16 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..messages import TERMINAL_STATES, Cause, JobInfo, JobSpec, JobState, Transition, now
+from ..messages import (
+    TERMINAL_STATES,
+    Cause,
+    JobInfo,
+    JobSpec,
+    JobState,
+    ParticipantActorInfo,
+    Transition,
+    now,
+)
 
 logger = logging.getLogger("rayvisor.supervisor")
 
@@ -46,6 +55,7 @@ class JobRecord:
     node_id: str | None = None
     restarts: int = 0
     participants: list[str] = field(default_factory=list)
+    participant_actors: list[ParticipantActorInfo] = field(default_factory=list)
     timestamps: dict[str, float] = field(default_factory=dict)
     deadline: float | None = None
     """Monotonic time at which a SHUTTING_DOWN job is killed."""
@@ -67,7 +77,8 @@ class JobRecord:
             id=self.id, state=self.state, room=self.spec.room, agent_name=self.agent_name,
             metadata=self.spec.metadata if with_metadata else "", cause=self.cause, reason=self.reason, error=self.error,
             pid=self.pid, node_id=self.node_id, restarts=self.restarts,
-            participants=list(self.participants), timestamps=dict(self.timestamps),
+            participants=list(self.participants), participant_actors=list(self.participant_actors),
+            timestamps=dict(self.timestamps),
         )
 
 

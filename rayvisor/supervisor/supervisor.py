@@ -170,6 +170,7 @@ class Supervisor:
         record = self._table.get(report.job_id)
         if record is not None and not record.is_terminal:
             record.participants = list(report.identities)
+            record.participant_actors = list(report.actors)
 
     # -- the job lifecycle ----------------------------------------------------------
 

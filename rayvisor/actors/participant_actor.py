@@ -1,0 +1,156 @@
+"""A participant entrypoint's child actor: ``await fnc(ctx, participant)`` in its own process.
+
+Created by the job actor (so Ray's fate-sharing removes it with its job), it never opens
+a room connection of its own: ``rooms.relay.RelayConnection`` routes its actions through
+the job actor and receives the events that concern its participant.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import os
+from typing import Any
+
+import ray
+
+from ..agents.job import JobProcess, make_job
+from ..agents.participant import ParticipantContext
+from ..agents.room import RemoteParticipant, Room
+from ..messages import Ack, ParticipantActorState, ParticipantCause, decode, encode
+from ..rooms.records import EventBatch
+from ..rooms.relay import RelayConnection
+from .lifecycle import cancel_and_wait, describe_exception, join_errors, run_shutdown_callbacks
+from .records import ParticipantOutcome, ParticipantStart, ParticipantStarted, ParticipantStop
+
+logger = logging.getLogger("rayvisor.participant")
+
+
+class _Phase(str, enum.Enum):
+    CREATED = "created"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    DONE = "done"
+
+
+class ParticipantRunner:
+    """One participant entrypoint: run it, stop it once, report how it ended."""
+
+    def __init__(self, fnc: Any, start: ParticipantStart, job_actor: Any, *, call_timeout: float,
+                 poll_timeout: float) -> None:
+        self._fnc = fnc
+        self._start = start
+        self._poll_timeout = poll_timeout
+        self.connection = RelayConnection(job_actor, start.snapshot, call_timeout=call_timeout)
+        self.room = Room(start.room)
+        self.ctx = ParticipantContext(
+            job=make_job(job_id=start.job_id, room=start.room, metadata=start.metadata,
+                         agent_name=start.agent_name, dispatch_id=start.dispatch_id),
+            room=self.room, proc=JobProcess(), worker_id=start.worker_id,
+            request_job_shutdown=self.connection.request_shutdown,
+        )
+        self.phase = _Phase.CREATED
+        self._entry_task: asyncio.Task[None] | None = None
+        self._cause = ParticipantCause.JOB_ENDED
+        self._reason = ""
+        self._errors: list[str] = []
+        self._done = asyncio.Event()
+        self._outcome: ParticipantOutcome | None = None
+        self._shutdown_task: asyncio.Task[None] | None = None
+
+    async def prepare(self) -> RemoteParticipant:
+        await self.room._connect(self.connection, self._start.snapshot.local, self._poll_timeout)
+        return self.room.remote_participants[self._start.snapshot.participants[0].identity]
+
+    def start(self, participant: RemoteParticipant) -> None:
+        if self.phase != _Phase.CREATED:
+            return
+        self.phase = _Phase.RUNNING
+        self._entry_task = asyncio.get_running_loop().create_task(self._run(participant), name="participant-entrypoint")
+
+    async def _run(self, participant: RemoteParticipant) -> None:
+        try:
+            await self._fnc(self.ctx, participant)
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:
+            logger.exception("participant entrypoint raised")
+            self._errors.append(describe_exception(err))
+            self.stop(ParticipantCause.ENTRYPOINT_ERROR, "participant entrypoint raised")
+
+    def stop(self, cause: ParticipantCause, reason: str) -> None:
+        """Begin stopping (once): cancel the entrypoint, then run the shutdown callbacks."""
+        if self.phase in (_Phase.STOPPING, _Phase.DONE):
+            return
+        self.phase = _Phase.STOPPING
+        self._cause, self._reason = cause, reason
+        self._shutdown_task = asyncio.get_running_loop().create_task(self._shutdown(), name="participant-shutdown")
+
+    async def _shutdown(self) -> None:
+        error = await cancel_and_wait(self._entry_task, logger)
+        if error is not None and self._cause != ParticipantCause.ENTRYPOINT_ERROR:
+            self._errors.append(describe_exception(error))
+        self._errors += await run_shutdown_callbacks(self.ctx.shutdown_callbacks, self._reason, logger)
+        await self.room._disconnect()
+        self._outcome = ParticipantOutcome(
+            state=ParticipantActorState.FAILED if self._errors else ParticipantActorState.STOPPED,
+            cause=self._cause, error=join_errors(self._errors),
+        )
+        self.phase = _Phase.DONE
+        self._done.set()
+
+    async def wait_done(self) -> ParticipantOutcome:
+        await self._done.wait()
+        assert self._outcome is not None
+        return self._outcome
+
+
+@ray.remote(num_cpus=0, max_restarts=0)
+class ParticipantActor:
+    """The Ray actor around ``ParticipantRunner``. Calls take and return msgpack records."""
+
+    def __init__(self, fnc: Any, job_actor: Any, call_timeout: float, poll_timeout: float) -> None:
+        self._fnc = fnc
+        self._job_actor = job_actor
+        self._call_timeout = call_timeout
+        self._poll_timeout = poll_timeout
+        self._runner: ParticipantRunner | None = None
+        self._participant: RemoteParticipant | None = None
+        self._ready = asyncio.Event()
+        self._early_stop: ParticipantStop | None = None
+
+    async def start(self, data: bytes) -> bytes:
+        """Prepare (the entrypoint starts with ``run``, so a blocking one cannot hold this reply)."""
+        start = decode(data, ParticipantStart)
+        self._runner = ParticipantRunner(self._fnc, start, self._job_actor, call_timeout=self._call_timeout,
+                                         poll_timeout=self._poll_timeout)
+        self._participant = await self._runner.prepare()
+        self._ready.set()
+        if self._early_stop is not None:
+            self._runner.stop(self._early_stop.cause, self._early_stop.reason)
+        return encode(ParticipantStarted(pid=os.getpid(), node_id=ray.get_runtime_context().get_node_id()))
+
+    async def run(self) -> bytes:
+        if self._runner is not None and self._participant is not None:
+            self._runner.start(self._participant)
+        return encode(Ack())
+
+    async def deliver(self, data: bytes) -> bytes:
+        """Events concerning this participant, in the order the job saw them."""
+        if self._runner is not None:
+            self._runner.connection.push(decode(data, EventBatch))
+        return encode(Ack())
+
+    async def stop(self, data: bytes) -> bytes:
+        request = decode(data, ParticipantStop)
+        if self._runner is None:
+            self._early_stop = request
+        else:
+            self._runner.stop(request.cause, request.reason)
+        return encode(Ack())
+
+    async def wait_done(self) -> bytes:
+        await self._ready.wait()
+        assert self._runner is not None
+        return encode(await self._runner.wait_done())

@@ -1,0 +1,294 @@
+"""Inside the job actor: one child per (participant, participant entrypoint).
+
+``ParticipantManager`` starts a child for every participant of a wanted kind (already in
+the room or joining later), forwards it the events that concern its participant, stops it
+when the participant leaves or the job ends, records how each ended, and restarts the
+ones that crashed or raised when ``participant_restart`` is ``transient``.
+
+A child is a ``ParticipantActor`` (``isolate_participants=True``) or, as in LiveKit Agents,
+a task in the job's own process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+from ray.exceptions import RayActorError, RayTaskError
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from ..agents.job import JobContext, ParticipantEntrypoint
+from ..agents.options import RestartPolicy, WorkerOptions
+from ..aio import supervised_task
+from ..messages import JobStart, ParticipantActorInfo, ParticipantActorState, ParticipantCause, decode, encode
+from ..rooms.records import EventBatch, RoomEvent, RoomEventType, RoomSnapshot
+from .lifecycle import cancel_and_wait, describe_exception
+from .participant_actor import ParticipantActor
+from .records import ParticipantOutcome, ParticipantStart, ParticipantStarted, ParticipantStop
+
+logger = logging.getLogger("rayvisor.participants")
+
+ENDED = frozenset({ParticipantActorState.STOPPED, ParticipantActorState.FAILED, ParticipantActorState.KILLED})
+ABNORMAL = frozenset({ParticipantCause.ACTOR_CRASHED, ParticipantCause.ENTRYPOINT_ERROR, ParticipantCause.START_FAILED})
+FORWARDED = frozenset({
+    RoomEventType.PARTICIPANT_ATTRIBUTES_CHANGED, RoomEventType.PARTICIPANT_METADATA_CHANGED,
+    RoomEventType.DATA_RECEIVED, RoomEventType.TEXT_RECEIVED, RoomEventType.PARTICIPANT_DISCONNECTED,
+})
+"""Events a participant's child receives: those about (or sent by) its participant."""
+
+
+@dataclass
+class _Child:
+    identity: str
+    entry: ParticipantEntrypoint
+    state: ParticipantActorState = ParticipantActorState.STARTING
+    pid: int | None = None
+    node_id: str | None = None
+    restarts: int = 0
+    restart_times: deque[float] = field(default_factory=deque)
+    cause: ParticipantCause | None = None
+    error: str | None = None
+    handle: Any = None
+    """The running attempt's ``ParticipantActor`` (isolated mode)."""
+    task: asyncio.Task[Any] | None = None
+    """The running attempt's task (in-process mode)."""
+    stop_cause: ParticipantCause | None = None
+    stop_requested: asyncio.Event = field(default_factory=asyncio.Event)
+    attempt_done: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def info(self) -> ParticipantActorInfo:
+        return ParticipantActorInfo(
+            identity=self.identity, entrypoint=self.entry.name, state=self.state, pid=self.pid,
+            node_id=self.node_id, restarts=self.restarts, cause=self.cause, error=self.error,
+        )
+
+
+def _kill(handle: Any) -> None:
+    try:
+        ray.kill(handle, no_restart=True)
+    except Exception as err:  # already gone
+        logger.debug("kill of a participant actor: %r", err)
+
+
+class ParticipantManager:
+    """See the module docstring. Driven by the job runner's room and context hooks."""
+
+    def __init__(self, *, ctx: JobContext, opts: WorkerOptions, start: JobStart,
+                 job_actor: Callable[[], Any], on_change: Callable[[], None]) -> None:
+        self._ctx = ctx
+        self._opts = opts
+        self._start = start
+        self._job_actor = job_actor
+        self._on_change = on_change
+        self._children: dict[tuple[str, str], _Child] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._stopping = False
+
+    # -- hooks ----------------------------------------------------------------------
+
+    def on_entrypoint(self, entry: ParticipantEntrypoint) -> None:
+        """A new entrypoint: start it for everyone already in the room."""
+        if self._ctx.room.isconnected():
+            for participant in list(self._ctx.room.remote_participants.values()):
+                self._ensure(participant.identity, entry)
+
+    def on_connected(self) -> None:
+        for participant in list(self._ctx.room.remote_participants.values()):
+            for entry in self._ctx.participant_entrypoints:
+                self._ensure(participant.identity, entry)
+
+    def on_record(self, event: RoomEvent) -> None:
+        """Every room event, after the job's facade applied it."""
+        identity = event.participant.identity if event.participant else None
+        if identity is None:
+            return
+        if event.type in FORWARDED:
+            for child in self._children_of(identity):
+                self._deliver(child, event)
+        if event.type == RoomEventType.PARTICIPANT_CONNECTED:
+            for entry in self._ctx.participant_entrypoints:
+                self._ensure(identity, entry)
+        elif event.type == RoomEventType.PARTICIPANT_DISCONNECTED:
+            for child in self._children_of(identity):
+                supervised_task(self._stop(child, ParticipantCause.PARTICIPANT_LEFT, "participant left",
+                                           self._opts.participant_shutdown_timeout),
+                                name=f"participant-stop:{identity}", logger=logger, tasks=self._tasks)
+
+    def infos(self) -> list[ParticipantActorInfo]:
+        return [child.info() for child in self._children.values()]
+
+    async def stop_all(self, timeout: float) -> None:
+        """Stop every child within ``timeout`` (the job's remaining budget); kill the rest."""
+        self._stopping = True
+        budget = min(timeout, self._opts.participant_shutdown_timeout)
+        stops = [self._stop(child, ParticipantCause.JOB_ENDED, "job ended", budget)
+                 for child in self._children.values()]
+        if stops:
+            await asyncio.gather(*stops, return_exceptions=True)
+
+    # -- children ---------------------------------------------------------------------
+
+    def _children_of(self, identity: str) -> list[_Child]:
+        return [c for (who, _), c in self._children.items() if who == identity and c.state not in ENDED]
+
+    def _ensure(self, identity: str, entry: ParticipantEntrypoint) -> None:
+        participant = self._ctx.room.remote_participants.get(identity)
+        key = (identity, entry.name)
+        if self._stopping or participant is None or not entry.wants(participant):
+            return
+        existing = self._children.get(key)
+        if existing is not None and existing.state not in ENDED:
+            return
+        child = _Child(identity=identity, entry=entry)
+        if existing is not None:  # the participant rejoined: keep the restart history
+            child.restarts, child.restart_times = existing.restarts, existing.restart_times
+        self._children[key] = child
+        supervised_task(self._drive(child), name=f"participant:{identity}", logger=logger, tasks=self._tasks)
+
+    async def _drive(self, child: _Child) -> None:
+        """Run attempts until the child ends normally or may not be restarted."""
+        while True:
+            child.attempt_done = asyncio.Event()
+            try:
+                if self._opts.isolate_participants:
+                    await self._run_actor(child)
+                else:
+                    await self._run_task(child)
+            finally:
+                child.attempt_done.set()
+            restart = self._may_restart(child)
+            self._changed(child)
+            if not restart:
+                return
+            child.restarts += 1
+            child.restart_times.append(time.monotonic())
+            child.state, child.cause, child.pid, child.stop_cause = ParticipantActorState.STARTING, None, None, None
+            logger.warning("restarting participant entrypoint %s for %s (restart %d)",
+                           child.entry.name, child.identity, child.restarts)
+
+    def _may_restart(self, child: _Child) -> bool:
+        if (self._stopping or child.stop_cause is not None or child.cause not in ABNORMAL
+                or self._opts.participant_restart != RestartPolicy.TRANSIENT
+                or child.identity not in self._ctx.room.remote_participants):
+            return False
+        window_start = time.monotonic() - self._opts.restart_window
+        while child.restart_times and child.restart_times[0] < window_start:
+            child.restart_times.popleft()
+        if len(child.restart_times) >= self._opts.max_restarts:
+            child.error = (child.error or "") + (
+                f"\nnot restarted: {self._opts.max_restarts} restarts within {self._opts.restart_window}s")
+            return False
+        return True
+
+    def _snapshot(self, identity: str) -> RoomSnapshot:
+        room = self._ctx.room
+        info = room._participant_info(identity)
+        assert info is not None
+        return RoomSnapshot(room=room.name, metadata=room.metadata, connection_id="",
+                            local=room._local_info, participants=[info])
+
+    async def _run_actor(self, child: _Child) -> None:
+        start = ParticipantStart(
+            job_id=self._start.job_id, room=self._start.room, metadata=self._start.metadata,
+            agent_name=self._start.agent_name, dispatch_id=self._start.dispatch_id,
+            worker_id=self._start.worker_id, snapshot=self._snapshot(child.identity),
+        )
+        try:
+            handle = ParticipantActor.options(
+                num_cpus=0, max_restarts=0,
+                scheduling_strategy=NodeAffinitySchedulingStrategy(
+                    node_id=ray.get_runtime_context().get_node_id(), soft=True),
+            ).remote(child.entry.fnc, self._job_actor(), self._opts.control_call_timeout, self._opts.room_poll_timeout)
+        except Exception as err:  # e.g. an entrypoint that cannot be pickled (it closes over the JobContext)
+            self._end(child, ParticipantActorState.FAILED, ParticipantCause.START_FAILED,
+                      f"cannot ship {child.entry.name} to a participant actor (define it at module level, "
+                      f"or set isolate_participants=False): {type(err).__name__}: {err}")
+            return
+        child.handle = handle
+        self._changed(child)
+        try:
+            started = decode(await asyncio.wait_for(
+                handle.start.remote(encode(start)), self._opts.initialize_process_timeout), ParticipantStarted)
+        except (RayActorError, RayTaskError, asyncio.TimeoutError) as err:
+            _kill(handle)
+            self._end(child, ParticipantActorState.FAILED, ParticipantCause.START_FAILED, str(err) or "start timed out")
+            return
+        child.pid, child.node_id = started.pid, started.node_id
+        handle.run.remote()
+        if child.state == ParticipantActorState.STARTING:
+            child.state = ParticipantActorState.RUNNING
+        self._changed(child)
+        try:
+            outcome = decode(await handle.wait_done.remote(), ParticipantOutcome)
+        except RayActorError as err:
+            _kill(handle)
+            first_line = (str(err).strip().splitlines() or ["the actor died"])[0]
+            self._end(child, ParticipantActorState.FAILED, ParticipantCause.ACTOR_CRASHED,
+                      f"{first_line} (pid {child.pid})")
+            return
+        _kill(handle)
+        self._end(child, outcome.state, child.stop_cause or outcome.cause, outcome.error)
+
+    async def _run_task(self, child: _Child) -> None:
+        participant = self._ctx.room.remote_participants[child.identity]
+        child.pid, child.node_id = os.getpid(), ray.get_runtime_context().get_node_id()
+        child.state = ParticipantActorState.RUNNING
+        child.task = asyncio.get_running_loop().create_task(child.entry.fnc(self._ctx, participant))
+        self._changed(child)
+        try:
+            await asyncio.shield(child.task)
+        except asyncio.CancelledError:
+            if not child.task.cancelled():
+                raise
+        except Exception as err:
+            self._end(child, ParticipantActorState.FAILED, ParticipantCause.ENTRYPOINT_ERROR, describe_exception(err))
+            return
+        # Returned (its handlers may still be live) or cancelled by _stop: it ends when stopped.
+        await child.stop_requested.wait()
+        self._end(child, ParticipantActorState.STOPPED, child.stop_cause or ParticipantCause.JOB_ENDED, None)
+
+    def _deliver(self, child: _Child, event: RoomEvent) -> None:
+        if child.handle is not None:  # fire-and-forget: a child with a blocked loop queues them
+            child.handle.deliver.remote(encode(EventBatch(events=[event], closed=False)))
+
+    async def _stop(self, child: _Child, cause: ParticipantCause, reason: str, timeout: float) -> None:
+        """Ask the child to stop; kill it if it has not finished within ``timeout``."""
+        if child.state in ENDED:
+            return
+        child.stop_cause = child.stop_cause or cause
+        child.stop_requested.set()
+        child.state = ParticipantActorState.STOPPING
+        self._changed(child)
+        done = child.attempt_done
+        if child.handle is not None:
+            child.handle.stop.remote(encode(ParticipantStop(cause=cause, reason=reason)))
+        elif child.task is not None:
+            supervised_task(cancel_and_wait(child.task, logger), name="participant-cancel", logger=logger,
+                            tasks=self._tasks)
+        try:
+            await asyncio.wait_for(done.wait(), timeout)
+        except asyncio.TimeoutError:
+            if child.handle is not None:
+                _kill(child.handle)
+            self._end(child, ParticipantActorState.KILLED, ParticipantCause.SHUTDOWN_TIMEOUT,
+                      f"did not stop within {timeout:.3g}s")
+
+    def _end(self, child: _Child, state: ParticipantActorState, cause: ParticipantCause, error: str | None) -> None:
+        if child.state in ENDED:
+            return
+        child.state, child.cause = state, cause
+        child.error = error or child.error
+        level = logging.WARNING if state != ParticipantActorState.STOPPED else logging.INFO
+        logger.log(level, "participant actor for %s %s (%s)", child.identity, state.value, cause.value,
+                   extra={"participant": child.identity, "cause": cause.value})
+        self._changed(child)
+
+    def _changed(self, _child: _Child) -> None:
+        self._on_change()

@@ -1,0 +1,42 @@
+"""Records between a job actor and its participant actors."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from ..messages import ParticipantActorState, ParticipantCause, Record, register
+from ..rooms.records import RoomSnapshot
+
+
+@register
+class ParticipantStart(Record):
+    """Job actor -> participant actor: serve this participant (``snapshot.participants[0]``)."""
+
+    job_id: str
+    room: str
+    metadata: str
+    agent_name: str
+    dispatch_id: str
+    worker_id: str
+    snapshot: RoomSnapshot
+
+
+@register
+class ParticipantStarted(Record):
+    pid: int
+    node_id: str
+
+
+@register
+class ParticipantStop(Record):
+    """Job actor -> participant actor: run your shutdown callbacks and finish."""
+
+    cause: ParticipantCause = Field(strict=False)
+    reason: str = ""
+
+
+@register
+class ParticipantOutcome(Record):
+    state: ParticipantActorState = Field(strict=False)
+    cause: ParticipantCause = Field(strict=False)
+    error: str | None = None

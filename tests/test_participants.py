@@ -1,0 +1,244 @@
+"""Participant entrypoints run in child actors, one per participant, isolated from each other."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import pytest
+from support import alive_actors, process_alive, wait_until
+
+from rayvisor import Cause, JobContext, JobState, rtc
+from rayvisor.errors import DuplicateEntrypoint
+from rayvisor.messages import ParticipantActorState, ParticipantCause
+
+AGENT = rtc.ParticipantKind.PARTICIPANT_KIND_AGENT
+SIP = rtc.ParticipantKind.PARTICIPANT_KIND_SIP
+
+
+async def serve_participant(ctx, participant) -> None:
+    """Greets its participant with its pid, follows its attributes, obeys its commands."""
+    me = participant.identity
+    commands: asyncio.Queue[str] = asyncio.Queue()
+
+    def tell(text: str, topic: str) -> None:
+        asyncio.create_task(ctx.room.local_participant.send_text(text, topic=topic, destination_identities=[me]))
+
+    async def on_command(reader, sender: str) -> None:
+        commands.put_nowait(await reader.read_all())
+
+    @ctx.room.on("participant_attributes_changed")
+    def on_attributes(changed, p) -> None:
+        tell(f"{p.identity}:{p.attributes.get('user.language')}:same={p is participant}", "attributes")
+
+    async def goodbye(reason: str) -> None:
+        await ctx.room.local_participant.send_text(f"bye {me} ({reason})", topic="bye",
+                                                   destination_identities=["observer"])
+
+    ctx.add_shutdown_callback(goodbye)
+    ctx.room.register_text_stream_handler("cmd", on_command)
+    await ctx.room.local_participant.send_text(f"{os.getpid()}", topic="child", destination_identities=[me])
+    while True:
+        command = await commands.get()
+        if command == "exit":
+            os._exit(1)
+        if command == "raise":
+            raise RuntimeError(f"handler for {me} failed")
+        if command == "end-job":
+            ctx.shutdown(reason=f"{me} asked")
+        tell(f"{me} got {command}", "reply")
+
+
+async def with_participant_actors(ctx: JobContext) -> None:
+    ctx.add_participant_entrypoint(serve_participant)
+    await ctx.connect()
+    await ctx.room.local_participant.send_text(f"{os.getpid()}", topic="job")
+
+
+async def registers_late(ctx: JobContext) -> None:
+    await ctx.connect()
+    ready = asyncio.Event()
+
+    async def on_control(reader, sender: str) -> None:
+        await reader.read_all()
+        ready.set()
+
+    ctx.room.register_text_stream_handler("register", on_control)
+    await ctx.room.local_participant.send_text(f"{os.getpid()}", topic="job")
+    await ready.wait()
+    ctx.add_participant_entrypoint(serve_participant)
+    try:
+        ctx.add_participant_entrypoint(serve_participant)
+    except DuplicateEntrypoint as err:
+        await ctx.room.local_participant.send_text(type(err).__name__, topic="duplicate")
+
+
+def join_and_greet(rooms, room: str, identity: str, kind: int = rtc.ParticipantKind.PARTICIPANT_KIND_STANDARD):
+    participant = rooms.join(room, identity, kind=kind)
+    pid = int(participant.wait_for_messages(1, topic="child", timeout=30)[0][2])
+    return participant, pid
+
+
+def start(serve, rooms, room: str, entrypoint=with_participant_actors, **options):
+    client = serve(entrypoint, **options)
+    observer = rooms.join(room, "observer", kind=AGENT)
+    job_id = client.submit(room=room)
+    job_pid = int(observer.wait_for_messages(1, topic="job", timeout=30)[0][2])
+    return client, observer, job_id, job_pid
+
+
+def actors_of(client, job_id):
+    return {a.identity: a for a in client.status(job_id).participant_actors}
+
+
+def test_each_participant_gets_its_own_child_actor(serve, rooms):
+    client, _observer, job_id, job_pid = start(serve, rooms, "pids")
+    (alice, alice_pid), (bob, bob_pid) = join_and_greet(rooms, "pids", "alice"), join_and_greet(rooms, "pids", "bob", SIP)
+
+    assert len({job_pid, alice_pid, bob_pid}) == 3
+    actors = wait_until(lambda: (a := actors_of(client, job_id)) and all(
+        x.state == ParticipantActorState.RUNNING for x in a.values()) and len(a) == 2 and a, timeout=10)
+    assert {i: a.pid for i, a in actors.items()} == {"alice": alice_pid, "bob": bob_pid}
+    assert all(a.node_id and a.entrypoint.endswith("serve_participant") for a in actors.values())
+    assert "observer" not in actors  # AGENT participants are not among the default kinds
+
+
+def test_a_childs_messages_reach_the_room_once_through_the_jobs_connection(serve, rooms):
+    client, observer, job_id, _ = start(serve, rooms, "relay")
+    alice, _ = join_and_greet(rooms, "relay", "alice")
+
+    alice.send_text("ping", topic="cmd")
+
+    assert alice.wait_for_messages(1, topic="reply", timeout=10)[0][2] == "alice got ping"
+    agent_identity = f"agent-{job_id}"
+    assert [m[0] for m in alice.messages()] == [agent_identity, agent_identity]  # greeting + reply, once each
+    identities = sorted(p.identity for p in rooms.participants("relay"))
+    assert identities == sorted(["observer", "alice", agent_identity])  # no extra participant per child
+
+
+def test_attribute_changes_reach_the_right_child(serve, rooms):
+    client, _observer, _job, _ = start(serve, rooms, "attrs")
+    alice, _ = join_and_greet(rooms, "attrs", "alice")
+    bob, _ = join_and_greet(rooms, "attrs", "bob")
+
+    bob.set_attributes({"user.language": "fr"})
+    alice.set_attributes({"user.language": "es"})
+
+    assert [m[2] for m in alice.wait_for_messages(1, topic="attributes", timeout=10)] == ["alice:es:same=True"]
+    assert [m[2] for m in bob.wait_for_messages(1, topic="attributes", timeout=10)] == ["bob:fr:same=True"]
+
+
+@pytest.mark.parametrize("command,cause", [
+    ("exit", ParticipantCause.ACTOR_CRASHED),
+    ("raise", ParticipantCause.ENTRYPOINT_ERROR),
+])
+def test_a_child_that_crashes_or_raises_leaves_the_job_and_the_other_children_running(serve, rooms, command, cause):
+    client, observer, job_id, _ = start(serve, rooms, f"crash-{command}")
+    alice, alice_pid = join_and_greet(rooms, f"crash-{command}", "alice")
+    bob, _ = join_and_greet(rooms, f"crash-{command}", "bob")
+
+    alice.send_text(command, topic="cmd")
+
+    crashed = wait_until(lambda: (a := actors_of(client, job_id).get("alice")) and a.state == ParticipantActorState.FAILED and a, timeout=10)
+    assert crashed.cause == cause and crashed.error
+    if command == "raise":
+        assert "handler for alice failed" in crashed.error
+        assert ("agent-" + job_id, "bye", "bye alice (participant entrypoint raised)") in observer.messages()
+    wait_until(lambda: not process_alive(alice_pid), timeout=5)
+    assert client.status(job_id).state == JobState.RUNNING
+    bob.send_text("still there?", topic="cmd")
+    assert bob.wait_for_messages(1, topic="reply", timeout=10)[0][2] == "bob got still there?"
+
+
+def test_a_participant_leaving_stops_its_child_and_runs_its_callbacks(serve, rooms):
+    client, observer, job_id, _ = start(serve, rooms, "leave")
+    alice, alice_pid = join_and_greet(rooms, "leave", "alice")
+    bob, _ = join_and_greet(rooms, "leave", "bob")
+
+    alice.leave()
+
+    assert observer.wait_for_messages(1, topic="bye", timeout=10)[0][2] == "bye alice (participant left)"
+    wait_until(lambda: not process_alive(alice_pid), timeout=5)
+    stopped = wait_until(lambda: (a := actors_of(client, job_id)["alice"]).state == ParticipantActorState.STOPPED and a, timeout=5)
+    assert stopped.cause == ParticipantCause.PARTICIPANT_LEFT
+    assert client.status(job_id).state == JobState.RUNNING
+
+
+def test_participants_already_in_the_room_get_a_child_when_the_entrypoint_is_added_late(serve, rooms):
+    client, observer, job_id, _ = start(serve, rooms, "late", entrypoint=registers_late)
+    alice = rooms.join("late", "alice")
+    wait_until(lambda: client.status(job_id).participants == ["alice", "observer"], timeout=10)
+
+    observer.send_text("now", topic="register")
+
+    assert alice.wait_for_messages(1, topic="child", timeout=30)
+    assert observer.wait_for_messages(1, topic="duplicate", timeout=10)[0][2] == "DuplicateEntrypoint"
+    join_and_greet(rooms, "late", "bob")  # and later joiners too
+
+
+def test_job_shutdown_stops_every_child_first(serve, rooms):
+    client, observer, job_id, _ = start(serve, rooms, "cascade")
+    join_and_greet(rooms, "cascade", "alice")
+    join_and_greet(rooms, "cascade", "bob")
+
+    client.shutdown(job_id, reason="closing")
+    info = client.wait(job_id, timeout=20)
+
+    assert info.state == JobState.SUCCEEDED
+    byes = sorted(m[2] for m in observer.messages() if m[1] == "bye")
+    assert byes == ["bye alice (job ended)", "bye bob (job ended)"]
+    wait_until(lambda: not alive_actors("ParticipantActor"), timeout=5)
+
+
+def test_a_child_can_end_the_whole_job(serve, rooms):
+    client, _observer, job_id, _ = start(serve, rooms, "ender")
+    alice, _ = join_and_greet(rooms, "ender", "alice")
+
+    alice.send_text("end-job", topic="cmd")
+
+    info = client.wait(job_id, timeout=20)
+    assert (info.cause, info.reason) == (Cause.USER_SHUTDOWN, "alice asked")
+
+
+def test_killing_the_job_actor_takes_every_child_with_it(serve, rooms):
+    client, _observer, job_id, job_pid = start(serve, rooms, "fate")
+    _, alice_pid = join_and_greet(rooms, "fate", "alice")
+    _, bob_pid = join_and_greet(rooms, "fate", "bob")
+    assert len(alice_actors := alive_actors("ParticipantActor")) == 2, alice_actors
+
+    os.kill(job_pid, signal.SIGKILL)
+
+    assert client.wait(job_id, timeout=10).cause == Cause.ACTOR_CRASHED
+    wait_until(lambda: not alive_actors("ParticipantActor"), timeout=10)
+    wait_until(lambda: not process_alive(alice_pid) and not process_alive(bob_pid), timeout=10)
+
+
+def test_transient_children_restart_until_the_intensity_is_spent(serve, rooms):
+    client, _observer, job_id, _ = start(serve, rooms, "restarts", participant_restart="transient",
+                                         max_restarts=2, restart_window=60)
+    alice, first_pid = join_and_greet(rooms, "restarts", "alice")
+
+    pids = [first_pid]
+    for attempt in (1, 2):
+        alice.send_text("exit", topic="cmd")
+        pids.append(int(alice.wait_for_messages(attempt + 1, topic="child", timeout=30)[attempt][2]))
+        assert actors_of(client, job_id)["alice"].restarts == attempt
+    alice.send_text("exit", topic="cmd")
+
+    final = wait_until(lambda: (a := actors_of(client, job_id)["alice"]).state == ParticipantActorState.FAILED and a, timeout=10)
+    assert final.restarts == 2 and "not restarted: 2 restarts within 60" in final.error
+    assert len(set(pids)) == 3
+    assert client.status(job_id).state == JobState.RUNNING
+
+
+def test_without_isolation_participant_entrypoints_run_as_tasks_in_the_job(serve, rooms):
+    client, _observer, job_id, job_pid = start(serve, rooms, "tasks", isolate_participants=False)
+    alice, alice_pid = join_and_greet(rooms, "tasks", "alice")
+
+    assert alice_pid == job_pid
+    alice.send_text("raise", topic="cmd")
+    failed = wait_until(lambda: (a := actors_of(client, job_id)["alice"]).state == ParticipantActorState.FAILED and a, timeout=10)
+    assert failed.cause == ParticipantCause.ENTRYPOINT_ERROR
+    assert client.status(job_id).state == JobState.RUNNING
