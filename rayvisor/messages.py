@@ -289,6 +289,8 @@ class ParticipantsChanged(Record):
     """Job actor -> supervisor: who the job sees, and its participant actors."""
 
     job_id: str
+    version: int = 0
+    """Increases with every report: reports may arrive out of order, older ones are ignored."""
     identities: list[str]
     actors: list[ParticipantActorInfo] = []
 
@@ -301,6 +303,8 @@ class JobOutcome(Record):
     cause: Cause = Field(strict=False)
     reason: str = ""
     error: str | None = None
+    participant_actors: list["ParticipantActorInfo"] = []
+    """How every participant actor ended (the last word, whatever reports were in flight)."""
 
 
 @register

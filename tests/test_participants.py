@@ -48,6 +48,8 @@ async def serve_participant(ctx, participant) -> None:
             raise RuntimeError(f"handler for {me} failed")
         if command == "end-job":
             ctx.shutdown(reason=f"{me} asked")
+        if command == "broadcast":
+            await ctx.room.local_participant.send_text(f"news from {me}'s actor", topic="all")
         tell(f"{me} got {command}", "reply")
 
 
@@ -55,6 +57,25 @@ async def with_participant_actors(ctx: JobContext) -> None:
     ctx.add_participant_entrypoint(serve_participant)
     await ctx.connect()
     await ctx.room.local_participant.send_text(f"{os.getpid()}", topic="job")
+
+
+async def hangs_on_shutdown_with_children(ctx: JobContext) -> None:
+    async def hang() -> None:
+        await asyncio.Event().wait()
+
+    ctx.add_shutdown_callback(hang)
+    await with_participant_actors(ctx)
+
+
+async def checks_kind(ctx: JobContext) -> None:
+    from rayvisor.errors import InvalidAgent
+
+    await ctx.connect()
+    await ctx.room.local_participant.send_text(f"{os.getpid()}", topic="job")
+    try:
+        ctx.add_participant_entrypoint(serve_participant, kind="sip")
+    except InvalidAgent as err:
+        await ctx.room.local_participant.send_text(type(err).__name__, topic="job")
 
 
 async def registers_late(ctx: JobContext) -> None:
@@ -206,7 +227,7 @@ def test_killing_the_job_actor_takes_every_child_with_it(serve, rooms):
     client, _observer, job_id, job_pid = start(serve, rooms, "fate")
     _, alice_pid = join_and_greet(rooms, "fate", "alice")
     _, bob_pid = join_and_greet(rooms, "fate", "bob")
-    assert len(alice_actors := alive_actors("ParticipantActor")) == 2, alice_actors
+    wait_until(lambda: len(alive_actors("ParticipantActor")) == 2, timeout=10)
 
     os.kill(job_pid, signal.SIGKILL)
 
@@ -242,3 +263,72 @@ def test_without_isolation_participant_entrypoints_run_as_tasks_in_the_job(serve
     failed = wait_until(lambda: (a := actors_of(client, job_id)["alice"]).state == ParticipantActorState.FAILED and a, timeout=10)
     assert failed.cause == ParticipantCause.ENTRYPOINT_ERROR
     assert client.status(job_id).state == JobState.RUNNING
+
+
+def test_participants_in_the_room_before_the_job_connects_get_their_child(serve, rooms):
+    alice = rooms.join("early", "alice")
+    client, _observer, job_id, _ = start(serve, rooms, "early")
+
+    assert alice.wait_for_messages(1, topic="child", timeout=30)
+
+
+def test_a_childs_broadcast_is_seen_once_by_every_other_participant(serve, rooms):
+    client, observer, _job, _ = start(serve, rooms, "news")
+    alice, _ = join_and_greet(rooms, "news", "alice")
+    bob, _ = join_and_greet(rooms, "news", "bob")
+
+    alice.send_text("broadcast", topic="cmd")
+
+    assert [m[2] for m in bob.wait_for_messages(1, topic="all", timeout=10)] == ["news from alice's actor"]
+    observer.wait_for_messages(1, topic="all", timeout=10)
+    alice.send_text("sync", topic="cmd")  # the broadcast happened before this reply
+    alice.wait_for_messages(1, topic="reply", timeout=10)
+    assert [m for m in bob.messages() if m[1] == "all"] == [(f"agent-{_job}", "all", "news from alice's actor")]
+    assert [m for m in alice.messages() if m[1] == "all"] == [(f"agent-{_job}", "all", "news from alice's actor")]
+
+
+def test_a_participant_who_leaves_and_comes_back_gets_a_fresh_child(serve, rooms):
+    client, observer, job_id, _ = start(serve, rooms, "rejoin")
+    join_and_greet(rooms, "rejoin", "bob")  # keeps the room from being empty
+    alice, first_pid = join_and_greet(rooms, "rejoin", "alice")
+
+    alice.leave()
+    again, second_pid = join_and_greet(rooms, "rejoin", "alice")
+
+    assert second_pid != first_pid
+    again.send_text("hello again", topic="cmd")
+    assert again.wait_for_messages(1, topic="reply", timeout=10)[0][2] == "alice got hello again"
+    wait_until(lambda: not process_alive(first_pid), timeout=10)
+
+
+def test_a_participant_who_joins_and_leaves_at_once_leaves_no_child_behind(serve, rooms):
+    client, observer, job_id, _ = start(serve, rooms, "blink")
+    join_and_greet(rooms, "blink", "bob")  # keeps the room from being empty
+    rooms.join("blink", "carol").leave()
+    join_and_greet(rooms, "blink", "dave")  # the job has processed carol's visit by now
+
+    carol = wait_until(lambda: (a := actors_of(client, job_id).get("carol")) and a.state in (
+        ParticipantActorState.STOPPED, ParticipantActorState.KILLED) and a, timeout=15)
+    assert carol.cause == ParticipantCause.PARTICIPANT_LEFT
+    wait_until(lambda: len(alive_actors("ParticipantActor")) == 2, timeout=15)  # bob's and dave's only
+
+
+def test_children_are_stopped_within_their_share_and_die_with_a_job_killed_at_its_deadline(serve, rooms):
+    client, _observer, job_id, _ = start(serve, rooms, "deadline", entrypoint=hangs_on_shutdown_with_children,
+                                         shutdown_process_timeout=2)
+    _, alice_pid = join_and_greet(rooms, "deadline", "alice")
+
+    asked = time.monotonic()
+    client.shutdown(job_id, reason="closing")
+    info = client.wait(job_id, timeout=10)
+
+    assert (info.state, info.cause) == (JobState.KILLED, Cause.SHUTDOWN_TIMEOUT)
+    assert time.monotonic() - asked < 2 + 0.5
+    wait_until(lambda: not alive_actors("ParticipantActor"), timeout=5)
+    wait_until(lambda: not process_alive(alice_pid), timeout=5)
+
+
+def test_an_unknown_participant_kind_is_a_typed_error(serve, rooms):
+    _client, observer, _job, _ = start(serve, rooms, "kinds", entrypoint=checks_kind)
+    # start() already read the pid message on topic "job"; the error name follows it
+    assert observer.wait_for_messages(2, topic="job", timeout=10)[1][2] == "InvalidAgent"

@@ -12,7 +12,6 @@ import asyncio
 import enum
 import logging
 import os
-import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -85,7 +84,7 @@ class JobRunner:
         self._entry_task: asyncio.Task[None] | None = None
         self._done = asyncio.Event()
         self._outcome: JobOutcome | None = None
-        self._shutdown_started: float | None = None
+        self._reports = 0
         self._tasks: set[asyncio.Task[Any]] = set()
         self.ctx = JobContext(
             job=make_job(job_id=start.job_id, room=start.room, metadata=start.metadata,
@@ -134,7 +133,6 @@ class JobRunner:
         if self.state in (RunnerState.SHUTTING_DOWN, RunnerState.DONE):
             return
         self.state = RunnerState.SHUTTING_DOWN
-        self._shutdown_started = time.monotonic()
         self._cause, self._reason = cause, reason
         logger.info("job shutting down", extra={"cause": cause.value, "reason": reason})
         if not from_supervisor:
@@ -142,13 +140,15 @@ class JobRunner:
             # shutdown task below never gets to run (a blocked or hostile loop).
             self._reporter.shutdown_started(ShutdownStarted(
                 job_id=self._start.job_id, cause=cause, reason=reason, error=error))
+        # Children start stopping now, alongside the entrypoint's cancellation, within their share.
+        self.participants.begin_stop_all(self._opts.shutdown_process_timeout)
         supervised_task(self._shutdown(), name="job-shutdown", logger=logger, tasks=self._tasks)
 
     async def _shutdown(self) -> None:
         error = await cancel_and_wait(self._entry_task, logger)
         if error is not None and self._cause != Cause.ENTRYPOINT_ERROR:
             self._errors.append(describe_exception(error))
-        await self.participants.stop_all(self._remaining_budget())
+        await self.participants.wait_stopped()
         self._errors += await run_shutdown_callbacks(self.ctx.shutdown_callbacks, self._reason, logger)
         try:
             await asyncio.wait_for(self.ctx.room._disconnect(), self._opts.control_call_timeout)
@@ -158,14 +158,10 @@ class JobRunner:
         self._outcome = JobOutcome(
             state=JobState.FAILED if self._errors else JobState.SUCCEEDED,
             cause=self._cause, reason=self._reason, error=join_errors(self._errors),
+            participant_actors=self.participants.infos(),
         )
         self.state = RunnerState.DONE
         self._done.set()
-
-    def _remaining_budget(self) -> float:
-        """What is left of the job's shutdown budget (the supervisor's clock is authoritative)."""
-        assert self._shutdown_started is not None
-        return max(0.0, self._shutdown_started + self._opts.shutdown_process_timeout - time.monotonic())
 
     async def wait_done(self) -> JobOutcome:
         await self._done.wait()
@@ -175,8 +171,9 @@ class JobRunner:
     # -- end conditions from the room ----------------------------------------------
 
     def _on_participants_changed(self, _participant: RemoteParticipant | None = None) -> None:
+        self._reports += 1
         self._reporter.participants_changed(ParticipantsChanged(
-            job_id=self._start.job_id, identities=sorted(self.ctx.room.remote_participants),
+            job_id=self._start.job_id, version=self._reports, identities=sorted(self.ctx.room.remote_participants),
             actors=self.participants.infos()))
 
     async def relay(self, request: RelayRequest) -> None:

@@ -19,7 +19,7 @@ from ..agents.job import JobProcess, make_job
 from ..agents.participant import ParticipantContext
 from ..agents.room import RemoteParticipant, Room
 from ..messages import Ack, ParticipantActorState, ParticipantCause, decode, encode
-from ..rooms.records import EventBatch
+from ..rooms.records import EventDelivery
 from ..rooms.relay import RelayConnection
 from .lifecycle import cancel_and_wait, describe_exception, join_errors, run_shutdown_callbacks
 from .records import ParticipantOutcome, ParticipantStart, ParticipantStarted, ParticipantStop
@@ -60,7 +60,8 @@ class ParticipantRunner:
         self._shutdown_task: asyncio.Task[None] | None = None
 
     async def prepare(self) -> RemoteParticipant:
-        await self.room._connect(self.connection, self._start.snapshot.local, self._poll_timeout)
+        """Build the room view; its events start flowing only once the entrypoint runs."""
+        await self.room._connect(self.connection, self._start.snapshot.local, self._poll_timeout, start_events=False)
         return self.room.remote_participants[self._start.snapshot.participants[0].identity]
 
     def start(self, participant: RemoteParticipant) -> None:
@@ -68,6 +69,9 @@ class ParticipantRunner:
             return
         self.phase = _Phase.RUNNING
         self._entry_task = asyncio.get_running_loop().create_task(self._run(participant), name="participant-entrypoint")
+        # Scheduled after the entrypoint's first step, so handlers it registers up front see
+        # every event delivered since the child was created.
+        self.room._start_events(self._poll_timeout)
 
     async def _run(self, participant: RemoteParticipant) -> None:
         try:
@@ -139,7 +143,7 @@ class ParticipantActor:
     async def deliver(self, data: bytes) -> bytes:
         """Events concerning this participant, in the order the job saw them."""
         if self._runner is not None:
-            self._runner.connection.push(decode(data, EventBatch))
+            self._runner.connection.push(decode(data, EventDelivery))
         return encode(Ack())
 
     async def stop(self, data: bytes) -> bytes:

@@ -1,4 +1,4 @@
-"""Inside the job actor: one child per (participant, participant entrypoint).
+"""Inside the job actor: one child per (participant session, participant entrypoint).
 
 ``ParticipantManager`` starts a child for every participant of a wanted kind (already in
 the room or joining later), forwards it the events that concern its participant, stops it
@@ -6,7 +6,8 @@ when the participant leaves or the job ends, records how each ended, and restart
 ones that crashed or raised when ``participant_restart`` is ``transient``.
 
 A child is a ``ParticipantActor`` (``isolate_participants=True``) or, as in LiveKit Agents,
-a task in the job's own process.
+a task in the job's own process. A participant who leaves and comes back starts a new
+session: its old child finishes stopping on its own while a new one starts.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from ..agents.job import JobContext, ParticipantEntrypoint
 from ..agents.options import RestartPolicy, WorkerOptions
 from ..aio import supervised_task
 from ..messages import JobStart, ParticipantActorInfo, ParticipantActorState, ParticipantCause, decode, encode
-from ..rooms.records import EventBatch, RoomEvent, RoomEventType, RoomSnapshot
+from ..rooms.records import EventDelivery, RoomEvent, RoomEventType, RoomSnapshot
 from .lifecycle import cancel_and_wait, describe_exception
 from .participant_actor import ParticipantActor
 from .records import ParticipantOutcome, ParticipantStart, ParticipantStarted, ParticipantStop
@@ -36,17 +37,24 @@ from .records import ParticipantOutcome, ParticipantStart, ParticipantStarted, P
 logger = logging.getLogger("rayvisor.participants")
 
 ENDED = frozenset({ParticipantActorState.STOPPED, ParticipantActorState.FAILED, ParticipantActorState.KILLED})
-ABNORMAL = frozenset({ParticipantCause.ACTOR_CRASHED, ParticipantCause.ENTRYPOINT_ERROR, ParticipantCause.START_FAILED})
+LIVE = frozenset({ParticipantActorState.STARTING, ParticipantActorState.RUNNING})
+ABNORMAL = frozenset({ParticipantCause.ACTOR_CRASHED, ParticipantCause.ENTRYPOINT_ERROR})
 FORWARDED = frozenset({
     RoomEventType.PARTICIPANT_ATTRIBUTES_CHANGED, RoomEventType.PARTICIPANT_METADATA_CHANGED,
     RoomEventType.DATA_RECEIVED, RoomEventType.TEXT_RECEIVED, RoomEventType.PARTICIPANT_DISCONNECTED,
 })
 """Events a participant's child receives: those about (or sent by) its participant."""
+CHILDREN_SHARE_OF_JOB_BUDGET = 0.5
+"""During a job's shutdown, children get at most this share of the job's budget (and at most
+``participant_shutdown_timeout``), so the job's own callbacks still have time to run."""
+
+_Key = tuple[str, int, int]  # (identity, session, entrypoint index)
 
 
 @dataclass
 class _Child:
     identity: str
+    session: int
     entry: ParticipantEntrypoint
     state: ParticipantActorState = ParticipantActorState.STARTING
     pid: int | None = None
@@ -59,9 +67,13 @@ class _Child:
     """The running attempt's ``ParticipantActor`` (isolated mode)."""
     task: asyncio.Task[Any] | None = None
     """The running attempt's task (in-process mode)."""
+    pending: list[RoomEvent] | None = field(default_factory=list)
+    """Events held until the running attempt's actor has started (None: deliver at once)."""
+    deliveries: int = 0
     stop_cause: ParticipantCause | None = None
     stop_requested: asyncio.Event = field(default_factory=asyncio.Event)
     attempt_done: asyncio.Event = field(default_factory=asyncio.Event)
+    finished: asyncio.Event = field(default_factory=asyncio.Event)
 
     def info(self) -> ParticipantActorInfo:
         return ParticipantActorInfo(
@@ -87,96 +99,120 @@ class ParticipantManager:
         self._start = start
         self._job_actor = job_actor
         self._on_change = on_change
-        self._children: dict[tuple[str, str], _Child] = {}
+        self._children: dict[_Key, _Child] = {}
+        self._sessions: dict[str, int] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stopping = False
+        self._stops: list[asyncio.Task[Any]] = []
 
     # -- hooks ----------------------------------------------------------------------
 
     def on_entrypoint(self, entry: ParticipantEntrypoint) -> None:
         """A new entrypoint: start it for everyone already in the room."""
         if self._ctx.room.isconnected():
-            for participant in list(self._ctx.room.remote_participants.values()):
-                self._ensure(participant.identity, entry)
+            for identity in list(self._ctx.room.remote_participants):
+                self._ensure(identity, entry)
 
     def on_connected(self) -> None:
-        for participant in list(self._ctx.room.remote_participants.values()):
+        for identity in list(self._ctx.room.remote_participants):
             for entry in self._ctx.participant_entrypoints:
-                self._ensure(participant.identity, entry)
+                self._ensure(identity, entry)
 
     def on_record(self, event: RoomEvent) -> None:
         """Every room event, after the job's facade applied it."""
         identity = event.participant.identity if event.participant else None
         if identity is None:
             return
-        if event.type in FORWARDED:
-            for child in self._children_of(identity):
-                self._deliver(child, event)
         if event.type == RoomEventType.PARTICIPANT_CONNECTED:
+            self._sessions[identity] = self._sessions.get(identity, 0) + 1
             for entry in self._ctx.participant_entrypoints:
                 self._ensure(identity, entry)
-        elif event.type == RoomEventType.PARTICIPANT_DISCONNECTED:
-            for child in self._children_of(identity):
-                supervised_task(self._stop(child, ParticipantCause.PARTICIPANT_LEFT, "participant left",
-                                           self._opts.participant_shutdown_timeout),
-                                name=f"participant-stop:{identity}", logger=logger, tasks=self._tasks)
+            return
+        current = [c for c in self._children.values()
+                   if c.identity == identity and c.session == self._sessions.get(identity, 0)]
+        if event.type in FORWARDED:
+            for child in current:
+                if child.state in LIVE:
+                    self._deliver(child, event)
+        if event.type == RoomEventType.PARTICIPANT_DISCONNECTED:
+            for child in current:
+                self._spawn(self._stop(child, ParticipantCause.PARTICIPANT_LEFT, "participant left",
+                                       self._opts.participant_shutdown_timeout), f"participant-stop:{identity}")
 
     def infos(self) -> list[ParticipantActorInfo]:
         return [child.info() for child in self._children.values()]
 
-    async def stop_all(self, timeout: float) -> None:
-        """Stop every child within ``timeout`` (the job's remaining budget); kill the rest."""
+    def begin_stop_all(self, job_budget: float) -> None:
+        """The job is shutting down: start no more children and ask every child to stop now."""
+        if self._stopping:
+            return
         self._stopping = True
-        budget = min(timeout, self._opts.participant_shutdown_timeout)
-        stops = [self._stop(child, ParticipantCause.JOB_ENDED, "job ended", budget)
-                 for child in self._children.values()]
-        if stops:
-            await asyncio.gather(*stops, return_exceptions=True)
+        budget = min(self._opts.participant_shutdown_timeout, job_budget * CHILDREN_SHARE_OF_JOB_BUDGET)
+        self._stops = [self._spawn(self._stop(child, ParticipantCause.JOB_ENDED, "job ended", budget), "stop-all")
+                       for child in self._children.values() if child.state not in ENDED]
+
+    async def wait_stopped(self) -> None:
+        """Until every child stopped (or was killed at its budget)."""
+        if self._stops:
+            await asyncio.gather(*self._stops, return_exceptions=True)
 
     # -- children ---------------------------------------------------------------------
 
-    def _children_of(self, identity: str) -> list[_Child]:
-        return [c for (who, _), c in self._children.items() if who == identity and c.state not in ENDED]
+    def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
+        return supervised_task(coro, name=name, logger=logger, tasks=self._tasks)
 
     def _ensure(self, identity: str, entry: ParticipantEntrypoint) -> None:
         participant = self._ctx.room.remote_participants.get(identity)
-        key = (identity, entry.name)
         if self._stopping or participant is None or not entry.wants(participant):
             return
-        existing = self._children.get(key)
-        if existing is not None and existing.state not in ENDED:
+        key = (identity, self._sessions.get(identity, 0), entry.index)
+        if key in self._children:
             return
-        child = _Child(identity=identity, entry=entry)
-        if existing is not None:  # the participant rejoined: keep the restart history
-            child.restarts, child.restart_times = existing.restarts, existing.restart_times
-        self._children[key] = child
-        supervised_task(self._drive(child), name=f"participant:{identity}", logger=logger, tasks=self._tasks)
+        # Keep the newest ended child per (identity, entrypoint) for status; drop older ones.
+        for old_key, old in list(self._children.items()):
+            if old_key[0] == identity and old_key[2] == entry.index and old.state in ENDED:
+                del self._children[old_key]
+        child = self._children[key] = _Child(identity=identity, session=key[1], entry=entry)
+        self._spawn(self._drive(child), f"participant:{identity}")
 
     async def _drive(self, child: _Child) -> None:
         """Run attempts until the child ends normally or may not be restarted."""
-        while True:
-            child.attempt_done = asyncio.Event()
-            try:
-                if self._opts.isolate_participants:
-                    await self._run_actor(child)
-                else:
-                    await self._run_task(child)
-            finally:
-                child.attempt_done.set()
-            restart = self._may_restart(child)
-            self._changed(child)
-            if not restart:
-                return
-            child.restarts += 1
-            child.restart_times.append(time.monotonic())
-            child.state, child.cause, child.pid, child.stop_cause = ParticipantActorState.STARTING, None, None, None
-            logger.warning("restarting participant entrypoint %s for %s (restart %d)",
-                           child.entry.name, child.identity, child.restarts)
+        try:
+            while True:
+                child.attempt_done = asyncio.Event()
+                try:
+                    if self._opts.isolate_participants:
+                        await self._run_actor(child)
+                    else:
+                        await self._run_task(child)
+                except Exception as err:  # never leave a child half-started or unreachable
+                    logger.exception("participant attempt for %s failed", child.identity)
+                    if child.handle is not None:
+                        _kill(child.handle)
+                    cause = ParticipantCause.ACTOR_CRASHED if child.pid else ParticipantCause.START_FAILED
+                    self._end(child, ParticipantActorState.FAILED, cause, f"{type(err).__name__}: {err}")
+                finally:
+                    child.attempt_done.set()
+                restart = self._may_restart(child)
+                self._changed()
+                if not restart:
+                    return
+                child.restarts += 1
+                child.restart_times.append(time.monotonic())
+                child.state, child.cause, child.pid, child.handle = ParticipantActorState.STARTING, None, None, None
+                child.pending, child.deliveries = [], 0  # a new actor counts deliveries from 1
+                logger.warning("restarting participant entrypoint %s for %s (restart %d)",
+                               child.entry.name, child.identity, child.restarts)
+        finally:
+            child.finished.set()
+
+    def _present(self, child: _Child) -> bool:
+        return (child.identity in self._ctx.room.remote_participants
+                and self._sessions.get(child.identity, 0) == child.session)
 
     def _may_restart(self, child: _Child) -> bool:
         if (self._stopping or child.stop_cause is not None or child.cause not in ABNORMAL
-                or self._opts.participant_restart != RestartPolicy.TRANSIENT
-                or child.identity not in self._ctx.room.remote_participants):
+                or self._opts.participant_restart != RestartPolicy.TRANSIENT or not self._present(child)):
             return False
         window_start = time.monotonic() - self._opts.restart_window
         while child.restart_times and child.restart_times[0] < window_start:
@@ -187,18 +223,17 @@ class ParticipantManager:
             return False
         return True
 
-    def _snapshot(self, identity: str) -> RoomSnapshot:
-        room = self._ctx.room
-        info = room._participant_info(identity)
-        assert info is not None
-        return RoomSnapshot(room=room.name, metadata=room.metadata, connection_id="",
-                            local=room._local_info, participants=[info])
-
     async def _run_actor(self, child: _Child) -> None:
+        info = self._ctx.room._participant_info(child.identity)
+        if info is None or not self._present(child):  # joined and left before we got here
+            self._end(child, ParticipantActorState.STOPPED, ParticipantCause.PARTICIPANT_LEFT, None)
+            return
+        room = self._ctx.room
         start = ParticipantStart(
             job_id=self._start.job_id, room=self._start.room, metadata=self._start.metadata,
-            agent_name=self._start.agent_name, dispatch_id=self._start.dispatch_id,
-            worker_id=self._start.worker_id, snapshot=self._snapshot(child.identity),
+            agent_name=self._start.agent_name, dispatch_id=self._start.dispatch_id, worker_id=self._start.worker_id,
+            snapshot=RoomSnapshot(room=room.name, metadata=room.metadata, connection_id="",
+                                  local=room._local_info, participants=[info]),
         )
         try:
             handle = ParticipantActor.options(
@@ -212,7 +247,9 @@ class ParticipantManager:
                       f"or set isolate_participants=False): {type(err).__name__}: {err}")
             return
         child.handle = handle
-        self._changed(child)
+        if child.stop_requested.is_set():  # stopped while we were creating it
+            handle.stop.remote(encode(ParticipantStop(cause=child.stop_cause or ParticipantCause.JOB_ENDED)))
+        self._changed()
         try:
             started = decode(await asyncio.wait_for(
                 handle.start.remote(encode(start)), self._opts.initialize_process_timeout), ParticipantStarted)
@@ -221,10 +258,13 @@ class ParticipantManager:
             self._end(child, ParticipantActorState.FAILED, ParticipantCause.START_FAILED, str(err) or "start timed out")
             return
         child.pid, child.node_id = started.pid, started.node_id
+        held, child.pending = child.pending or [], None
+        for event in held:  # what happened while it started, before its entrypoint runs
+            self._deliver(child, event)
         handle.run.remote()
         if child.state == ParticipantActorState.STARTING:
             child.state = ParticipantActorState.RUNNING
-        self._changed(child)
+        self._changed()
         try:
             outcome = decode(await handle.wait_done.remote(), ParticipantOutcome)
         except RayActorError as err:
@@ -237,11 +277,14 @@ class ParticipantManager:
         self._end(child, outcome.state, child.stop_cause or outcome.cause, outcome.error)
 
     async def _run_task(self, child: _Child) -> None:
-        participant = self._ctx.room.remote_participants[child.identity]
+        participant = self._ctx.room.remote_participants.get(child.identity)
+        if participant is None or not self._present(child):
+            self._end(child, ParticipantActorState.STOPPED, ParticipantCause.PARTICIPANT_LEFT, None)
+            return
         child.pid, child.node_id = os.getpid(), ray.get_runtime_context().get_node_id()
         child.state = ParticipantActorState.RUNNING
         child.task = asyncio.get_running_loop().create_task(child.entry.fnc(self._ctx, participant))
-        self._changed(child)
+        self._changed()
         try:
             await asyncio.shield(child.task)
         except asyncio.CancelledError:
@@ -255,25 +298,29 @@ class ParticipantManager:
         self._end(child, ParticipantActorState.STOPPED, child.stop_cause or ParticipantCause.JOB_ENDED, None)
 
     def _deliver(self, child: _Child, event: RoomEvent) -> None:
-        if child.handle is not None:  # fire-and-forget: a child with a blocked loop queues them
-            child.handle.deliver.remote(encode(EventBatch(events=[event], closed=False)))
+        if not self._opts.isolate_participants:
+            return  # in-process children share the job's own room facade
+        if child.pending is not None:
+            child.pending.append(event)
+            return
+        child.deliveries += 1  # fire-and-forget: a child with a blocked loop just queues them
+        child.handle.deliver.remote(encode(EventDelivery(index=child.deliveries, events=[event])))
 
     async def _stop(self, child: _Child, cause: ParticipantCause, reason: str, timeout: float) -> None:
         """Ask the child to stop; kill it if it has not finished within ``timeout``."""
-        if child.state in ENDED:
+        if child.state in ENDED and child.finished.is_set():
             return
         child.stop_cause = child.stop_cause or cause
         child.stop_requested.set()
-        child.state = ParticipantActorState.STOPPING
-        self._changed(child)
-        done = child.attempt_done
+        if child.state not in ENDED:
+            child.state = ParticipantActorState.STOPPING
+            self._changed()
         if child.handle is not None:
             child.handle.stop.remote(encode(ParticipantStop(cause=cause, reason=reason)))
         elif child.task is not None:
-            supervised_task(cancel_and_wait(child.task, logger), name="participant-cancel", logger=logger,
-                            tasks=self._tasks)
+            self._spawn(cancel_and_wait(child.task, logger), "participant-cancel")
         try:
-            await asyncio.wait_for(done.wait(), timeout)
+            await asyncio.wait_for(child.finished.wait(), timeout)
         except asyncio.TimeoutError:
             if child.handle is not None:
                 _kill(child.handle)
@@ -288,7 +335,7 @@ class ParticipantManager:
         level = logging.WARNING if state != ParticipantActorState.STOPPED else logging.INFO
         logger.log(level, "participant actor for %s %s (%s)", child.identity, state.value, cause.value,
                    extra={"participant": child.identity, "cause": cause.value})
-        self._changed(child)
+        self._changed()
 
-    def _changed(self, _child: _Child) -> None:
+    def _changed(self) -> None:
         self._on_change()

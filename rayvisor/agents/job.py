@@ -36,6 +36,8 @@ class ParticipantEntrypoint:
 
     fnc: ParticipantEntrypointFnc
     kinds: frozenset[int]
+    index: int
+    """Registration order: what tells two entrypoints apart (two closures share a name)."""
 
     @property
     def name(self) -> str:
@@ -179,7 +181,10 @@ class JobContext:
         if not inspect.iscoroutinefunction(entrypoint_fnc):
             raise InvalidAgent(f"a participant entrypoint must be an `async def (ctx, participant)`, got {entrypoint_fnc!r}")
         kinds = frozenset({kind} if isinstance(kind, int) else kind)
-        entry = ParticipantEntrypoint(fnc=entrypoint_fnc, kinds=kinds)
+        known = {value for _, value in rtc.ParticipantKind.items()}
+        if not kinds or not kinds <= known:
+            raise InvalidAgent(f"kind must be rtc.ParticipantKind values, got {kind!r}")
+        entry = ParticipantEntrypoint(fnc=entrypoint_fnc, kinds=kinds, index=len(self._participant_entrypoints))
         self._participant_entrypoints.append(entry)
         self._on_participant_entrypoint(entry)
 

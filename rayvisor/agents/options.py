@@ -13,6 +13,7 @@ from ..errors import InvalidAgent
 
 if TYPE_CHECKING:
     from .job import JobContext, JobProcess
+    from .request import JobRequest, LoadInfo
 
 
 class AutoSubscribe(str, enum.Enum):
@@ -31,6 +32,8 @@ class RestartPolicy(str, enum.Enum):
     """Never restarted."""
     TRANSIENT = "transient"
     """Restarted after an abnormal end (a crash or an error)."""
+    PERMANENT = "permanent"
+    """Restarted after any end but an explicit shutdown or the room's deletion (jobs only)."""
 
 
 class EndWhen(str, enum.Enum):
@@ -60,6 +63,46 @@ class WorkerOptions:
     """Bound (seconds) on creating the job's actor, loading the agent and running ``prewarm_fnc``."""
     end_when: EndWhen = EndWhen.ROOM_EMPTY
     """Which room condition ends a job on its own (see ``EndWhen``)."""
+
+    request_fnc: Callable[["JobRequest"], Awaitable[None]] | None = None
+    """``async def request_fnc(req: JobRequest)``: ``await req.accept()`` or ``await req.reject()``
+    each job before it starts (runs in the supervisor). Default: accept."""
+    request_timeout: float = 10.0
+    """Bound (seconds) on ``request_fnc``; a request neither accepted nor rejected in time is rejected."""
+    max_jobs: int | None = None
+    """Jobs this supervisor runs at once; beyond it a submit fails with ``AtCapacity``."""
+    load_fnc: Callable[["LoadInfo"], float] | None = None
+    """``def load_fnc(info: LoadInfo) -> float`` in [0, 1]; default: active jobs / ``max_jobs``."""
+    load_threshold: float = 0.75
+    """Load at or above which a submit fails with ``AtCapacity``."""
+    drain_timeout: float = 1800.0
+    """``rayvisor start`` on SIGTERM, and ``client.drain()`` by default: how long running jobs
+    may keep going before they are shut down (cause ``drained``)."""
+
+    restart: RestartPolicy = RestartPolicy.TEMPORARY
+    """Job restart type (``JobSpec.restart`` overrides it per job)."""
+    ping_interval: float = 2.5
+    """How often the supervisor pings each running job actor."""
+    ping_timeout: float = 15.0
+    """A job whose actor has not answered a ping for this long is killed (cause ``unresponsive``)."""
+    memory_check_interval: float = 5.0
+    """How often a job actor reports its resident memory."""
+    job_memory_warn_mb: float = 500.0
+    """Above this RSS the supervisor logs a (rate-limited) warning."""
+    job_memory_limit_mb: float = 0.0
+    """Above this RSS the job is shut down (cause ``memory_limit``); 0 disables the limit."""
+    memory_warn_interval: float = 30.0
+    """Least time between two memory warnings for one job."""
+
+    num_idle_actors: int = 1
+    """Job actors kept created and prewarmed ahead of demand (the warm pool's floor)."""
+    max_idle_actors: int = 4
+    """The warm pool's ceiling; between the two it follows the recent arrival rate."""
+    pool_rate_window: float = 60.0
+    """Window (seconds) over which the warm pool measures the arrival rate."""
+    pool_backoff_initial: float = 0.5
+    """First delay before replacing an idle actor whose prewarm failed; doubles each failure."""
+    pool_backoff_max: float = 30.0
 
     isolate_participants: bool = True
     """Run each participant entrypoint in its own child actor (crash isolation); False runs
@@ -101,7 +144,9 @@ class WorkerOptions:
         if not isinstance(self.agent_name, str):
             raise InvalidAgent(f"agent_name must be a string, got {type(self.agent_name).__name__}")
         for name in ("shutdown_process_timeout", "initialize_process_timeout", "control_call_timeout",
-                     "room_poll_timeout", "participant_shutdown_timeout", "restart_window"):
+                     "room_poll_timeout", "participant_shutdown_timeout", "restart_window", "request_timeout",
+                     "drain_timeout", "ping_interval", "ping_timeout", "memory_check_interval",
+                     "memory_warn_interval", "pool_rate_window", "pool_backoff_initial", "pool_backoff_max"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise InvalidAgent(f"{name} must be a positive number of seconds, got {value!r}")
@@ -109,11 +154,29 @@ class WorkerOptions:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise InvalidAgent(f"{name} must be a positive integer, got {value!r}")
-        for name, kind in (("end_when", EndWhen), ("participant_restart", RestartPolicy)):
+        for name, kind in (("end_when", EndWhen), ("participant_restart", RestartPolicy),
+                           ("restart", RestartPolicy)):
             try:
                 object.__setattr__(self, name, kind(getattr(self, name)))
             except ValueError:
                 raise InvalidAgent(f"{name} must be one of {[e.value for e in kind]}") from None
+        if self.participant_restart == RestartPolicy.PERMANENT:
+            raise InvalidAgent("participant_restart must be temporary or transient")
+        if self.request_fnc is not None and not inspect.iscoroutinefunction(self.request_fnc):
+            raise InvalidAgent("request_fnc must be an `async def request_fnc(req: JobRequest)`")
+        if self.load_fnc is not None and not callable(self.load_fnc):
+            raise InvalidAgent("load_fnc must be a function returning a load in [0, 1]")
+        if not isinstance(self.load_threshold, (int, float)) or not 0 < self.load_threshold <= 1:
+            raise InvalidAgent(f"load_threshold must be in (0, 1], got {self.load_threshold!r}")
+        if self.max_jobs is not None and (not isinstance(self.max_jobs, int) or self.max_jobs < 1):
+            raise InvalidAgent(f"max_jobs must be a positive integer or None, got {self.max_jobs!r}")
+        for name in ("job_memory_warn_mb", "job_memory_limit_mb"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise InvalidAgent(f"{name} must be a non-negative number of MiB, got {value!r}")
+        if not (isinstance(self.num_idle_actors, int) and isinstance(self.max_idle_actors, int)
+                and 0 <= self.num_idle_actors <= self.max_idle_actors):
+            raise InvalidAgent("need 0 <= num_idle_actors <= max_idle_actors (integers)")
         if not isinstance(self.max_restarts, int) or self.max_restarts < 0:
             raise InvalidAgent(f"max_restarts must be a non-negative integer, got {self.max_restarts!r}")
         if not all(isinstance(k, str) and isinstance(v, (int, float)) and math.isfinite(v) and v >= 0

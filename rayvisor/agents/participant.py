@@ -7,7 +7,7 @@ from typing import Any
 
 from livekit.protocol import agent as agent_proto
 
-from ..errors import InvalidAgent, LiveKitNotConfigured
+from ..errors import InvalidAgent, LiveKitNotConfigured, ParticipantNotFound
 from .job import JobProcess, ShutdownCallback
 from .room import RemoteParticipant, Room
 
@@ -67,8 +67,10 @@ class ParticipantContext:
         """Nothing to do: a participant actor uses its job's connection."""
 
     async def wait_for_participant(self, **_: Any) -> RemoteParticipant:
-        """The participant this actor serves."""
-        return next(iter(self._room.remote_participants.values()))
+        """The participant this actor serves (``ParticipantNotFound`` once it has left)."""
+        for participant in self._room.remote_participants.values():
+            return participant
+        raise ParticipantNotFound("this participant has left the room")
 
     def add_shutdown_callback(self, callback: ShutdownCallback) -> None:
         """Run ``callback()`` or ``callback(reason)`` once, when this participant actor stops."""

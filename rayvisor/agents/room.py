@@ -224,8 +224,10 @@ class Room:
 
     # -- driven by the job ---------------------------------------------------------
 
-    async def _connect(self, connection: RoomConnection, local: ParticipantInfo, poll_timeout: float) -> None:
-        """Join through ``connection`` and start delivering events."""
+    async def _connect(self, connection: RoomConnection, local: ParticipantInfo, poll_timeout: float,
+                       *, start_events: bool = True) -> None:
+        """Join through ``connection`` and (unless ``start_events`` is False) start delivering
+        events; with False, ``_start_events`` starts them later."""
         if self._connection is not None:
             return
         self._state = rtc.ConnectionState.CONN_RECONNECTING
@@ -238,9 +240,14 @@ class Room:
         self._state = rtc.ConnectionState.CONN_CONNECTED
         self.emit("connection_state_changed", self._state)
         self.emit("connected")
-        self._pump = supervised_task(
-            self._pump_events(poll_timeout), name=f"room-events:{self._name}", logger=logger, tasks=self._tasks
-        )
+        if start_events:
+            self._start_events(poll_timeout)
+
+    def _start_events(self, poll_timeout: float) -> None:
+        if self._pump is None and self._connection is not None:
+            self._pump = supervised_task(
+                self._pump_events(poll_timeout), name=f"room-events:{self._name}", logger=logger, tasks=self._tasks
+            )
 
     async def _disconnect(self) -> None:
         """Leave the room (used by the job's shutdown); no ``disconnected`` event is emitted."""

@@ -195,3 +195,12 @@ class RelayRequest(RoomRecord):
     attributes: dict[str, str] = {}
     metadata: str = ""
     reason: str = ""
+
+
+@register
+class EventDelivery(RoomRecord):
+    """Job actor -> participant actor: the ``index``-th batch of events for its participant
+    (numbered so the child applies them in order even if Ray runs two deliveries out of order)."""
+
+    index: int = Field(ge=1)
+    events: list[RoomEvent]

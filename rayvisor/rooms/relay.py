@@ -15,7 +15,15 @@ from ray.exceptions import RayActorError
 
 from ..errors import RoomUnavailable
 from ..messages import decode_reply, encode
-from .records import EventBatch, ParticipantInfo, RelayAction, RelayRequest, RoomEvent, RoomSnapshot
+from .records import (
+    EventBatch,
+    EventDelivery,
+    ParticipantInfo,
+    RelayAction,
+    RelayRequest,
+    RoomEvent,
+    RoomSnapshot,
+)
 
 MAX_PENDING_EVENTS = 10_000
 """Events a participant actor keeps before it has consumed them; the oldest are dropped."""
@@ -31,11 +39,17 @@ class RelayConnection:
         self._events: deque[RoomEvent] = deque(maxlen=MAX_PENDING_EVENTS)
         self._changed = asyncio.Event()
         self._closed = False
+        self._next_index = 1
+        self._held: dict[int, EventDelivery] = {}
 
-    def push(self, batch: EventBatch) -> None:
-        """Events from the job actor (called in delivery order)."""
-        self._events.extend(batch.events)
-        self._closed = self._closed or batch.closed
+    def push(self, delivery: EventDelivery) -> None:
+        """Events from the job actor; applied in ``index`` order whatever order they arrive in."""
+        if delivery.index < self._next_index:
+            return  # a duplicate
+        self._held[delivery.index] = delivery
+        while self._next_index in self._held:
+            self._events.extend(self._held.pop(self._next_index).events)
+            self._next_index += 1
         self._changed.set()
         self._changed = asyncio.Event()
 

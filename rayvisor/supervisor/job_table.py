@@ -56,6 +56,7 @@ class JobRecord:
     restarts: int = 0
     participants: list[str] = field(default_factory=list)
     participant_actors: list[ParticipantActorInfo] = field(default_factory=list)
+    participants_version: int = 0
     timestamps: dict[str, float] = field(default_factory=dict)
     deadline: float | None = None
     """Monotonic time at which a SHUTTING_DOWN job is killed."""

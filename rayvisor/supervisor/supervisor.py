@@ -168,7 +168,8 @@ class Supervisor:
     @endpoint(ParticipantsChanged)
     async def report_participants(self, report: ParticipantsChanged) -> None:
         record = self._table.get(report.job_id)
-        if record is not None and not record.is_terminal:
+        if record is not None and not record.is_terminal and report.version > record.participants_version:
+            record.participants_version = report.version
             record.participants = list(report.identities)
             record.participant_actors = list(report.actors)
 
@@ -240,6 +241,7 @@ class Supervisor:
             return
         if record.state != JobState.SHUTTING_DOWN:  # the job's own report has not arrived yet
             self._table.transition(record, JobState.SHUTTING_DOWN, cause=outcome.cause, reason=outcome.reason)
+        record.participant_actors = list(outcome.participant_actors)
         self._table.transition(record, outcome.state, error=outcome.error)
 
     def _begin_shutdown(self, record: JobRecord, cause: Cause, reason: str, *,
