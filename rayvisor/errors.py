@@ -104,6 +104,18 @@ class Draining(RayvisorError, RuntimeError):
     code = "draining"
 
 
+class AtCapacity(RayvisorError, RuntimeError):
+    """Admitting the job would exceed capacity (``max_jobs``, load, or Ray resources)."""
+
+    code = "at_capacity"
+
+
+class JobRejected(RayvisorError, RuntimeError):
+    """``request_fnc`` rejected the job (or neither accepted nor rejected it in time)."""
+
+    code = "job_rejected"
+
+
 class InternalError(RayvisorError, RuntimeError):
     """An unexpected failure inside rayvisor; the message carries the original error."""
 

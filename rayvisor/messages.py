@@ -168,6 +168,17 @@ class JobState(str, enum.Enum):
 TERMINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.KILLED, JobState.REJECTED})
 
 
+class RestartPolicy(str, enum.Enum):
+    """OTP restart types."""
+
+    TEMPORARY = "temporary"
+    """Never restarted."""
+    TRANSIENT = "transient"
+    """Restarted after an abnormal end (a crash, an error, unresponsive, over its memory limit)."""
+    PERMANENT = "permanent"
+    """Restarted after any end but an explicit shutdown or the room's deletion (jobs only)."""
+
+
 class Cause(str, enum.Enum):
     """Why a job ended (or is ending)."""
 
@@ -180,6 +191,11 @@ class Cause(str, enum.Enum):
     START_FAILED = "start_failed"
     ACTOR_CRASHED = "actor_crashed"
     SUPERVISOR_STOPPED = "supervisor_stopped"
+    UNRESPONSIVE = "unresponsive"
+    MEMORY_LIMIT = "memory_limit"
+    RESTART_LIMIT = "restart_limit"
+    DRAINED = "drained"
+    REJECTED = "rejected"
 
 
 
@@ -193,6 +209,8 @@ class JobSpec(Record):
     metadata: str = ""
     agent_name: str | None = None
     dispatch_id: str = ""
+    restart: RestartPolicy | None = Field(default=None, strict=False)
+    """Overrides the agent's ``WorkerOptions.restart`` for this job."""
 
     def __init__(self, **fields: Any) -> None:
         try:
@@ -219,6 +237,19 @@ class JobStart(Record):
     dispatch_id: str
     worker_id: str
     identity: str
+    name: str = ""
+    """The agent participant's name (``JobRequest.accept(name=...)``)."""
+    attributes: dict[str, str] = {}
+    participant_metadata: str = ""
+    log_format: str = "json"
+
+
+@register
+class MemoryReport(Record):
+    """Job actor -> supervisor, every ``memory_check_interval``: its resident memory."""
+
+    job_id: str
+    rss_mb: float
 
 
 @register
@@ -308,6 +339,20 @@ class JobOutcome(Record):
 
 
 @register
+class AttemptInfo(Record):
+    """One run of a job (a restarted job has several)."""
+
+    attempt: int
+    state: JobState = Field(strict=False)
+    cause: Cause | None = Field(default=None, strict=False)
+    error: str | None = None
+    pid: int | None = None
+    node_id: str | None = None
+    started_at: float
+    ended_at: float
+
+
+@register
 class JobInfo(Record):
     """A job's record as the supervisor keeps it. Returned by status, list and wait."""
 
@@ -322,6 +367,8 @@ class JobInfo(Record):
     pid: int | None = None
     node_id: str | None = None
     restarts: int = 0
+    attempts: list[AttemptInfo] = []
+    """Earlier attempts of a restarted job, each with its cause."""
     participants: list[str] = []
     participant_actors: list[ParticipantActorInfo] = []
     """Child actors of participant entrypoints, current and ended (crashes keep their error)."""
@@ -380,6 +427,41 @@ class EventsRequest(Record):
 @register
 class TransitionList(Record):
     events: list[Transition]
+
+
+@register
+class DrainRequest(Record):
+    timeout: float = Field(ge=0)
+
+
+@register
+class DrainStarted(Record):
+    """The drain began; ``bound`` is the longest it can take (``timeout`` + the longest budget)."""
+
+    bound: float
+    live_jobs: int
+
+
+@register
+class DrainResult(Record):
+    ended_on_their_own: int
+    shut_down: int
+
+
+@register
+class HistogramSummary(Record):
+    count: int
+    total: float
+    max: float
+
+
+@register
+class MetricsSnapshot(Record):
+    """What the supervisor's Ray metrics have counted, as numbers a test or a CLI can read."""
+
+    counters: dict[str, float]
+    gauges: dict[str, float]
+    histograms: dict[str, HistogramSummary]
 
 
 @register

@@ -43,6 +43,9 @@ def serve(namespace: str) -> Iterator[Callable[..., rayvisor.Client]]:
     clients: list[rayvisor.Client] = []
 
     def start(entrypoint: Callable[..., Any], **options: Any) -> rayvisor.Client:
+        # No warm pool unless a test asks for one: idle actors cost a process each.
+        options.setdefault("num_idle_actors", 0)
+        options.setdefault("max_idle_actors", options["num_idle_actors"])
         client = rayvisor.serve(rayvisor.WorkerOptions(entrypoint_fnc=entrypoint, **options), namespace=namespace)
         clients.append(client)
         return client

@@ -22,7 +22,7 @@ from ..agents.job import JobContext, JobProcess, make_job
 from ..agents.options import EndWhen, WorkerOptions
 from ..agents.room import RemoteParticipant
 from ..aio import supervised_task
-from ..logs import JsonFormatter, install_record_fields
+from ..logs import JsonFormatter, ReadableFormatter, install_record_fields
 from ..messages import (
     Ack,
     Cause,
@@ -30,6 +30,7 @@ from ..messages import (
     JobStart,
     JobStarted,
     JobState,
+    MemoryReport,
     ParticipantsChanged,
     ShutdownRequest,
     ShutdownStarted,
@@ -41,6 +42,7 @@ from ..rooms.base import RoomConnection
 from ..errors import NotConnected
 from ..rooms.local import LocalRoomConnection
 from ..rooms.records import RelayAction, RelayRequest
+from .memory import MemoryMonitor
 from .participants import ParticipantManager
 from .lifecycle import cancel_and_wait, describe_exception, join_errors, run_shutdown_callbacks
 
@@ -96,6 +98,9 @@ class JobRunner:
             request_shutdown=lambda cause, reason: self.request_shutdown(cause, reason),
             room_poll_timeout=opts.room_poll_timeout,
             on_participant_entrypoint=lambda entry: self.participants.on_entrypoint(entry),
+            participant_name=start.name,
+            participant_attributes=start.attributes,
+            participant_metadata=start.participant_metadata,
         )
         self.participants = ParticipantManager(
             ctx=self.ctx, opts=opts, start=start, job_actor=job_actor, on_change=self._on_participants_changed)
@@ -244,9 +249,14 @@ class JobActor:
             self._opts.prewarm_fnc(self._proc)
         self._prewarmed = True
 
+    async def prewarm(self) -> bytes:
+        """Run ``prewarm_fnc`` now (a warm-pool actor), so a job taking this actor starts at once."""
+        self._prewarm()
+        return encode(Ack())
+
     def _configure_logging(self, start: JobStart) -> None:
         handler = logging.StreamHandler()
-        handler.setFormatter(JsonFormatter())
+        handler.setFormatter(JsonFormatter() if start.log_format == "json" else ReadableFormatter())
         logging.getLogger().handlers[:] = [handler]
         logging.getLogger().setLevel(logging.INFO)
         install_record_fields(lambda: {
@@ -266,6 +276,12 @@ class JobActor:
         self._runner = JobRunner(self._opts, start, self._proc, connection, _SupervisorReporter(self._supervisor),
                                  job_actor=lambda: ray.get_runtime_context().current_actor)
         self._runner_ready.set()
+        self._memory = MemoryMonitor(
+            interval=self._opts.memory_check_interval,
+            report=lambda rss_mb: self._supervisor.report_memory.remote(
+                encode(MemoryReport(job_id=start.job_id, rss_mb=rss_mb))) if self._supervisor is not None else None,
+        )
+        self._memory.start()
         if self._early_shutdown is not None:
             self._runner.request_shutdown(self._early_shutdown.cause, self._early_shutdown.reason, from_supervisor=True)
         return encode(JobStarted(pid=os.getpid(), node_id=ray.get_runtime_context().get_node_id()))

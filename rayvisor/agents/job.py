@@ -73,7 +73,13 @@ class JobContext:
         request_shutdown: ShutdownHook,
         room_poll_timeout: float,
         on_participant_entrypoint: Callable[[ParticipantEntrypoint], None] = lambda entry: None,
+        participant_name: str = "",
+        participant_attributes: dict[str, str] | None = None,
+        participant_metadata: str = "",
     ) -> None:
+        self._participant_name = participant_name
+        self._participant_attributes = dict(participant_attributes or {})
+        self._participant_metadata = participant_metadata
         self._job = job
         self._proc = proc
         self._worker_id = worker_id
@@ -134,11 +140,13 @@ class JobContext:
     async def connect(self, *, auto_subscribe: AutoSubscribe = AutoSubscribe.SUBSCRIBE_ALL, **_: Any) -> None:
         """Join the job's room as the agent participant (``agent-<job id>``, kind AGENT)."""
         self._auto_subscribe = AutoSubscribe(auto_subscribe)
+        attributes = {"lk.agent.name": self._job.agent_name} if self._job.agent_name else {}
         local = ParticipantInfo(
             identity=self._identity,
-            name=self._job.agent_name or self._identity,
+            name=self._participant_name or self._job.agent_name or self._identity,
             kind=rtc.ParticipantKind.PARTICIPANT_KIND_AGENT,
-            attributes={"lk.agent.name": self._job.agent_name} if self._job.agent_name else {},
+            attributes={**attributes, **self._participant_attributes},
+            metadata=self._participant_metadata,
         )
         await self._room._connect(self._connection, local, self._room_poll_timeout)
 

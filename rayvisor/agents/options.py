@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..errors import InvalidAgent
+from ..messages import RestartPolicy
 
 if TYPE_CHECKING:
     from .job import JobContext, JobProcess
@@ -23,17 +24,6 @@ class AutoSubscribe(str, enum.Enum):
     SUBSCRIBE_NONE = "subscribe_none"
     AUDIO_ONLY = "audio_only"
     VIDEO_ONLY = "video_only"
-
-
-class RestartPolicy(str, enum.Enum):
-    """OTP restart types."""
-
-    TEMPORARY = "temporary"
-    """Never restarted."""
-    TRANSIENT = "transient"
-    """Restarted after an abnormal end (a crash or an error)."""
-    PERMANENT = "permanent"
-    """Restarted after any end but an explicit shutdown or the room's deletion (jobs only)."""
 
 
 class EndWhen(str, enum.Enum):

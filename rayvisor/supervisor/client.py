@@ -21,6 +21,10 @@ from ..agents.options import WorkerOptions
 from ..errors import InternalError, SupervisorNotFound, SupervisorUnavailable, WaitTimeout
 from ..messages import (
     Ack,
+    DrainRequest,
+    DrainResult,
+    DrainStarted,
+    MetricsSnapshot,
     EventsRequest,
     JobIdRequest,
     JobInfo,
@@ -74,7 +78,7 @@ def ship_agent_code(opts: WorkerOptions) -> None:
 
 
 def serve(opts: WorkerOptions, *, address: str | None = None, namespace: str = DEFAULT_NAMESPACE,
-          call_timeout: float = DEFAULT_CALL_TIMEOUT, **ray_init_kwargs: Any) -> "Client":
+          call_timeout: float = DEFAULT_CALL_TIMEOUT, log_format: str = "json", **ray_init_kwargs: Any) -> "Client":
     """Start (or attach to) the namespace's supervisor and register ``opts``' agent.
 
     With no ``address`` and no Ray running, Ray is started inside this driver, so
@@ -88,7 +92,7 @@ def serve(opts: WorkerOptions, *, address: str | None = None, namespace: str = D
     handle = Supervisor.options(
         name=SUPERVISOR_NAME, namespace=namespace, lifetime="detached", get_if_exists=True,
         scheduling_strategy=here, max_concurrency=10_000,
-    ).remote(opts, namespace)
+    ).remote(opts, namespace, log_format)
     client = Client(handle, namespace, call_timeout=call_timeout)
     client._call_raw(handle.register_agent.remote(opts), Ack)
     return client
@@ -160,6 +164,17 @@ class Client:
         """State transitions after ``after_seq`` (waits up to ``timeout`` for the next)."""
         return self._call("events", EventsRequest.build(after_seq=after_seq, timeout=timeout), TransitionList,
                           timeout=timeout + self.call_timeout).events
+
+    def drain(self, timeout: float = 600.0) -> DrainResult:
+        """Admit no more jobs (``Draining``), let running ones end for ``timeout`` seconds,
+        shut the rest down (cause ``drained``), and return once none is live."""
+        started = self._call("drain", DrainRequest.build(timeout=timeout), DrainStarted)
+        return self._call("wait_drained", DrainRequest(timeout=started.bound + self.call_timeout), DrainResult,
+                          timeout=started.bound + 2 * self.call_timeout)
+
+    def metrics(self) -> MetricsSnapshot:
+        """The supervisor's counters, gauges and histogram summaries."""
+        return self._call("metrics", JobIdRequest(job_id=""), MetricsSnapshot)
 
     def stop(self, timeout: float = 120.0) -> None:
         """Shut every job down through the protocol (new submits get ``Draining``), then remove

@@ -15,7 +15,7 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from ..actors.job_actor import JobActor
 from ..agents.options import WorkerOptions
-from ..messages import JobOutcome, JobStart, JobStarted, ShutdownRequest, decode, encode
+from ..messages import Ack, JobOutcome, JobStart, JobStarted, ShutdownRequest, decode, encode
 
 logger = logging.getLogger("rayvisor.supervisor")
 
@@ -38,9 +38,10 @@ class JobActorHandle:
         self.name = name
 
     @classmethod
-    def create(cls, *, job_id: str, opts: WorkerOptions, supervisor: Any, namespace: str) -> "JobActorHandle":
-        """Ask Ray for the job's actor: named and detached, so it outlives the supervisor."""
-        name = JOB_ACTOR_PREFIX + job_id
+    def create(cls, *, name: str, opts: WorkerOptions, supervisor: Any, namespace: str) -> "JobActorHandle":
+        """Ask Ray for a job actor: named (``rayvisor-job-...``) and detached, so it outlives
+        the supervisor."""
+        assert name.startswith(JOB_ACTOR_PREFIX)
         custom = dict(opts.job_resources)
         actor = JobActor.options(
             name=name,
@@ -63,6 +64,22 @@ class JobActorHandle:
         except RayTaskError as err:
             raise StartError(str(err.cause if err.cause is not None else err)) from err
         return decode(data, JobStarted)
+
+    async def prewarm(self, timeout: float) -> None:
+        """Run ``prewarm_fnc`` in the actor (a warm-pool actor waiting for a job)."""
+        try:
+            decode(await asyncio.wait_for(self._actor.prewarm.remote(), timeout), Ack)
+        except RayActorError as err:
+            raise ActorGone(str(err)) from err
+        except RayTaskError as err:
+            raise StartError(str(err.cause if err.cause is not None else err)) from err
+
+    async def ping(self, timeout: float) -> None:
+        """Answered on the job's event loop, so a loop blocked by user code does not answer."""
+        try:
+            await asyncio.wait_for(self._actor.ping.remote(), timeout)
+        except RayActorError as err:
+            raise ActorGone(str(err)) from err
 
     def run(self) -> None:
         """Fire-and-forget: start the entrypoint (the job is RUNNING from here)."""

@@ -5,17 +5,20 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..messages import (
     TERMINAL_STATES,
+    AttemptInfo,
     Cause,
     JobInfo,
     JobSpec,
     JobState,
     ParticipantActorInfo,
+    RestartPolicy,
     Transition,
     now,
 )
@@ -24,9 +27,11 @@ logger = logging.getLogger("rayvisor.supervisor")
 
 ALLOWED_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     JobState.PENDING: frozenset({JobState.STARTING, JobState.SHUTTING_DOWN, JobState.REJECTED, JobState.FAILED}),
-    JobState.STARTING: frozenset({JobState.RUNNING, JobState.SHUTTING_DOWN, JobState.FAILED, JobState.KILLED}),
-    JobState.RUNNING: frozenset({JobState.SHUTTING_DOWN, JobState.FAILED, JobState.KILLED}),
-    JobState.SHUTTING_DOWN: frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.KILLED}),
+    # X -> STARTING is a restart (a new attempt on a new actor).
+    JobState.STARTING: frozenset({JobState.STARTING, JobState.RUNNING, JobState.SHUTTING_DOWN, JobState.FAILED,
+                                  JobState.KILLED}),
+    JobState.RUNNING: frozenset({JobState.STARTING, JobState.SHUTTING_DOWN, JobState.FAILED, JobState.KILLED}),
+    JobState.SHUTTING_DOWN: frozenset({JobState.STARTING, JobState.SUCCEEDED, JobState.FAILED, JobState.KILLED}),
     JobState.SUCCEEDED: frozenset(),
     JobState.FAILED: frozenset(),
     JobState.KILLED: frozenset(),
@@ -36,6 +41,16 @@ ALLOWED_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
 
 class IllegalTransition(RuntimeError):
     """A bug: the supervisor tried a transition the state machine forbids."""
+
+
+@dataclass(frozen=True)
+class AttemptEnd:
+    """How one attempt (one actor) of a job ended."""
+
+    state: JobState
+    cause: Cause
+    reason: str = ""
+    error: str | None = None
 
 
 @dataclass
@@ -58,10 +73,27 @@ class JobRecord:
     participant_actors: list[ParticipantActorInfo] = field(default_factory=list)
     participants_version: int = 0
     timestamps: dict[str, float] = field(default_factory=dict)
+    restart_policy: RestartPolicy = RestartPolicy.TEMPORARY
+    attempts: list[AttemptInfo] = field(default_factory=list)
+    attempt: int = 1
+    restart_times: deque[float] = field(default_factory=deque)
+    shutdown_trigger: Cause | None = None
+    """What started the current attempt's shutdown (``cause`` may later say shutdown_timeout)."""
     deadline: float | None = None
     """Monotonic time at which a SHUTTING_DOWN job is killed."""
     actor: Any = None
-    """The job's ``JobActorHandle`` while it has one."""
+    """The current attempt's ``JobActorHandle``."""
+    kill_end: AttemptEnd | None = None
+    """Set when the supervisor killed the current attempt (deadline, unresponsive, memory)."""
+    killed: asyncio.Event = field(default_factory=asyncio.Event)
+    admitted_at: float = field(default_factory=time.monotonic)
+    shutdown_began: float | None = None
+    rss_mb: float | None = None
+    last_memory_warning: float = 0.0
+    agent_identity: str = ""
+    agent_participant_name: str = ""
+    agent_attributes: dict[str, str] = field(default_factory=dict)
+    agent_metadata: str = ""
     finished: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -71,13 +103,13 @@ class JobRecord:
     @property
     def identity(self) -> str:
         """The job's participant identity in its room."""
-        return f"agent-{self.id}"
+        return self.agent_identity or f"agent-{self.id}"
 
     def info(self, *, with_metadata: bool = True) -> JobInfo:
         return JobInfo(
             id=self.id, state=self.state, room=self.spec.room, agent_name=self.agent_name,
             metadata=self.spec.metadata if with_metadata else "", cause=self.cause, reason=self.reason, error=self.error,
-            pid=self.pid, node_id=self.node_id, restarts=self.restarts,
+            pid=self.pid, node_id=self.node_id, restarts=self.restarts, attempts=list(self.attempts),
             participants=list(self.participants), participant_actors=list(self.participant_actors),
             timestamps=dict(self.timestamps),
         )

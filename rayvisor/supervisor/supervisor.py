@@ -1,37 +1,48 @@
-"""The supervisor actor: admits jobs, runs one actor per job, and holds every deadline.
+"""The supervisor actor: admits jobs, runs one actor per job attempt, holds every deadline.
 
 One detached, named async actor per namespace, pinned to the node of the driver that
 served it. It never awaits a job actor without a deadline: status comes from its own
-table, shutdown requests are fire-and-forget, and a per-job timer kills any job whose
-graceful budget is spent.
+table, shutdown requests are fire-and-forget, and the supervisor's own timers kill a job
+whose graceful budget is spent, that stops answering pings, or that outgrows its memory
+limit. Restart policies (OTP's temporary / transient / permanent, with a restart
+intensity) decide whether an ended attempt is followed by another.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 import uuid
 from typing import Any
 
 import ray
 
+from ..agents.job import make_job
 from ..agents.options import WorkerOptions
+from ..agents.request import Answer, JobRequest, LoadInfo
 from ..aio import supervised_task
-from ..errors import Draining, JobNotFound, MetadataTooLarge, UnknownAgent, WaitTimeout
+from ..errors import AtCapacity, Draining, JobNotFound, JobRejected, MetadataTooLarge, UnknownAgent, WaitTimeout
 from ..logs import configure as configure_logging
 from ..messages import (
     Ack,
+    AttemptInfo,
     Cause,
+    DrainRequest,
+    DrainResult,
+    DrainStarted,
     EventsRequest,
     JobIdRequest,
     JobInfo,
     JobList,
-    JobOutcome,
     JobSpec,
     JobStart,
     JobState,
+    MemoryReport,
+    MetricsSnapshot,
     ParticipantsChanged,
+    RestartPolicy,
     ShutdownJobRequest,
     ShutdownRequest,
     ShutdownStarted,
@@ -39,15 +50,24 @@ from ..messages import (
     WaitRequest,
     encode,
     endpoint,
+    now,
 )
 from ..rooms.local import evict_participant
-from .job_handle import ActorGone, JobActorHandle, StartError
-from .job_table import JobRecord, JobTable
+from .job_handle import JOB_ACTOR_PREFIX, ActorGone, JobActorHandle, StartError
+from .job_table import AttemptEnd, JobRecord, JobTable
+from .metrics import SupervisorMetrics
+from .pool import WarmPool
 
 logger = logging.getLogger("rayvisor.supervisor")
 
 SUPERVISOR_NAME = "rayvisor-supervisor"
 LIVE_BEFORE_SHUTDOWN = (JobState.PENDING, JobState.STARTING, JobState.RUNNING)
+EXPLICIT_ENDS = frozenset({Cause.USER_SHUTDOWN, Cause.ROOM_DELETED, Cause.SUPERVISOR_STOPPED, Cause.DRAINED})
+"""Ends that no restart policy undoes."""
+ABNORMAL_ENDS = frozenset({Cause.ACTOR_CRASHED, Cause.ENTRYPOINT_ERROR, Cause.UNRESPONSIVE, Cause.MEMORY_LIMIT})
+"""Ends after which a ``transient`` job is restarted."""
+PING_JITTER = 0.1
+"""Pings are spread by +-10% of ``ping_interval`` so many jobs do not ping in lockstep."""
 
 
 def new_job_id() -> str:
@@ -58,23 +78,33 @@ def new_job_id() -> str:
 class Supervisor:
     """See the module docstring. Every public method takes and returns msgpack records."""
 
-    def __init__(self, opts: WorkerOptions, namespace: str) -> None:
-        configure_logging("start")
+    def __init__(self, opts: WorkerOptions, namespace: str, log_format: str = "json") -> None:
+        configure_logging("start" if log_format == "json" else "dev")
         self._settings = opts  # supervisor-wide limits come from the agent that created it
-        self._agents: dict[str, WorkerOptions] = {opts.agent_name: opts}
+        self._agents: dict[str, WorkerOptions] = {}
+        self._pools: dict[str, WarmPool] = {}
         self._namespace = namespace
+        self._log_format = log_format
         self._worker_id = "RW_" + uuid.uuid4().hex[:12]
-        self._table = JobTable(
-            finished_job_history=opts.finished_job_history, event_history=opts.event_history
-        )
+        self._metrics = SupervisorMetrics(self._worker_id)
+        self._table = JobTable(finished_job_history=opts.finished_job_history, event_history=opts.event_history)
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._stopping = False
+        self._admitting = True
+        self._refusal = ""
+        self._drained_from: list[str] = []
+        self._agents[opts.agent_name] = opts  # serve() registers it again, with its warm pool
 
     # -- agents ----------------------------------------------------------------------
 
     async def register_agent(self, opts: WorkerOptions) -> bytes:
         """Register (or replace, for new jobs) the agent named ``opts.agent_name``."""
+        old = self._pools.pop(opts.agent_name, None)
+        if old is not None:
+            old.close()
         self._agents[opts.agent_name] = opts
+        if self._admitting and opts.num_idle_actors + opts.max_idle_actors > 0:
+            self._pools[opts.agent_name] = WarmPool(opts, lambda: self._new_actor(opts, "idle-" + uuid.uuid4().hex[:12]),
+                                                    self._metrics)
         return encode(Ack())
 
     def _resolve_agent(self, name: str | None) -> WorkerOptions:
@@ -87,24 +117,79 @@ class Supervisor:
             raise UnknownAgent(f"no agent named {name!r} is registered; registered: {sorted(self._agents)}")
         return opts
 
-    # -- client endpoints -------------------------------------------------------------
+    def _new_actor(self, opts: WorkerOptions, suffix: str) -> JobActorHandle:
+        return JobActorHandle.create(name=JOB_ACTOR_PREFIX + suffix, opts=opts,
+                                     supervisor=ray.get_runtime_context().current_actor, namespace=self._namespace)
+
+    # -- admission --------------------------------------------------------------------
 
     @endpoint(JobSpec)
     async def submit(self, spec: JobSpec) -> JobInfo:
-        """Validate and admit a job; it starts in the background. Returns its PENDING record."""
+        """Admit a job: capacity is reserved here, atomically; then ``request_fnc`` decides."""
+        if not self._admitting:
+            self._metrics.rejected("draining")
+            raise Draining(f"the supervisor is {self._refusal} and admits no new jobs")
         opts = self._resolve_agent(spec.agent_name)
         size = len(spec.metadata.encode("utf-8"))
         if size > self._settings.max_metadata_bytes:
             raise MetadataTooLarge(
-                f"metadata is {size} bytes; the limit is max_metadata_bytes={self._settings.max_metadata_bytes}"
-            )
-        if self._stopping:
-            raise Draining("the supervisor is stopping and admits no new jobs")
+                f"metadata is {size} bytes; the limit is max_metadata_bytes={self._settings.max_metadata_bytes}")
+        self._check_capacity()
         record = JobRecord(id=new_job_id(), spec=spec, agent_name=opts.agent_name,
-                           shutdown_budget=opts.shutdown_process_timeout)
-        self._table.add(record)
+                           shutdown_budget=opts.shutdown_process_timeout,
+                           restart_policy=spec.restart or opts.restart)
+        self._table.add(record)  # from here the job counts against capacity
+        self._metrics.active_jobs(len(self._table.live()))
+        if opts.request_fnc is not None:
+            await self._ask(opts, record)
+        self._metrics.admitted(opts.agent_name)
         supervised_task(self._run_job(record, opts), name=f"job:{record.id}", logger=logger, tasks=self._tasks)
         return record.info()
+
+    def _check_capacity(self) -> None:
+        settings = self._settings
+        active = len(self._table.live())
+        if settings.max_jobs is not None and active >= settings.max_jobs:
+            self._metrics.rejected("at_capacity")
+            raise AtCapacity(f"{active} jobs are running; max_jobs={settings.max_jobs}")
+        idle = sum(pool.idle for pool in self._pools.values())
+        info = LoadInfo(active_jobs=active, max_jobs=settings.max_jobs, idle_actors=idle)
+        try:
+            load = settings.load_fnc(info) if settings.load_fnc else (
+                active / settings.max_jobs if settings.max_jobs else 0.0)
+        except Exception as err:
+            logger.exception("load_fnc raised; admitting as if unloaded")
+            load = 0.0 if not isinstance(err, AtCapacity) else 1.0
+        if load >= settings.load_threshold:
+            self._metrics.rejected("at_capacity")
+            raise AtCapacity(f"load {load:.2f} is at or above load_threshold={settings.load_threshold}")
+
+    async def _ask(self, opts: WorkerOptions, record: JobRecord) -> None:
+        """Run ``request_fnc``; a rejection (or no answer in time) records REJECTED and raises."""
+        request = JobRequest(make_job(job_id=record.id, room=record.spec.room, metadata=record.spec.metadata,
+                                      agent_name=opts.agent_name, dispatch_id=record.spec.dispatch_id))
+        problem = ""
+        try:
+            await asyncio.wait_for(opts.request_fnc(request), opts.request_timeout)
+        except asyncio.TimeoutError:
+            problem = f"request_fnc did not answer within request_timeout={opts.request_timeout}s"
+        except Exception as err:
+            logger.exception("request_fnc raised")
+            problem = f"request_fnc raised {type(err).__name__}: {err}"
+        if request.answer is Answer.ACCEPTED and request.acceptance is not None and not problem:
+            record.agent_identity = request.acceptance.identity
+            record.agent_participant_name = request.acceptance.name
+            record.agent_attributes = request.acceptance.attributes
+            record.agent_metadata = request.acceptance.metadata
+            return
+        reason = problem or ("rejected by request_fnc" if request.answer is Answer.REJECTED
+                             else "request_fnc neither accepted nor rejected the job")
+        self._table.transition(record, JobState.REJECTED, cause=Cause.REJECTED, reason=reason)
+        self._metrics.rejected("request_fnc")
+        self._metrics.active_jobs(len(self._table.live()))
+        raise JobRejected(f"job {record.id}: {reason}")
+
+    # -- client endpoints -------------------------------------------------------------
 
     @endpoint(JobIdRequest)
     async def status(self, request: JobIdRequest) -> JobInfo:
@@ -132,9 +217,7 @@ class Supervisor:
         try:
             await asyncio.wait_for(record.finished.wait(), request.timeout)
         except asyncio.TimeoutError:
-            raise WaitTimeout(
-                f"job {record.id} is still {record.state.value} after {request.timeout}s"
-            ) from None
+            raise WaitTimeout(f"job {record.id} is still {record.state.value} after {request.timeout}s") from None
         return record.info()
 
     @endpoint(EventsRequest)
@@ -143,15 +226,58 @@ class Supervisor:
         return TransitionList(events=await self._table.events_after(request.after_seq, request.timeout))
 
     @endpoint(JobIdRequest)
+    async def metrics(self, request: JobIdRequest) -> MetricsSnapshot:
+        return self._metrics.snapshot()
+
+    @endpoint(DrainRequest)
+    async def drain(self, request: DrainRequest) -> DrainStarted:
+        """Stop admitting (``Draining``), let running jobs end for ``timeout`` seconds, then
+        shut the rest down through the protocol (cause ``drained``). Returns at once."""
+        live = self._stop_admitting("draining")
+        self._drained_from = [r.id for r in live]
+        bound = request.timeout + max((r.shutdown_budget for r in live), default=0.0)
+        supervised_task(self._drain(live, request.timeout), name="drain", logger=logger, tasks=self._tasks)
+        return DrainStarted(bound=bound, live_jobs=len(live))
+
+    @endpoint(DrainRequest)
+    async def wait_drained(self, request: DrainRequest) -> DrainResult:
+        """Wait (up to ``timeout``) until no job is live."""
+        live = self._table.live()
+        if live:
+            done, pending = await asyncio.wait([asyncio.ensure_future(r.finished.wait()) for r in live],
+                                               timeout=request.timeout)
+            for future in pending:
+                future.cancel()
+            if pending:
+                raise WaitTimeout(f"{len(pending)} jobs still live after {request.timeout}s")
+        records = [r for r in (self._table.get(i) for i in self._drained_from) if r is not None]
+        shut_down = sum(1 for r in records if r.shutdown_trigger == Cause.DRAINED)
+        return DrainResult(ended_on_their_own=len(records) - shut_down, shut_down=shut_down)
+
+    async def _drain(self, live: list[JobRecord], timeout: float) -> None:
+        waits = [asyncio.ensure_future(r.finished.wait()) for r in live]
+        if waits:
+            _done, pending = await asyncio.wait(waits, timeout=timeout)
+            for future in pending:
+                future.cancel()
+        for record in self._table.live():
+            self._begin_shutdown(record, Cause.DRAINED, f"drain deadline ({timeout}s) reached", notify_actor=True)
+
+    @endpoint(JobIdRequest)
     async def stop(self, request: JobIdRequest) -> Ack:
         """Refuse new jobs, shut every live job down through the protocol, wait for them all."""
-        self._stopping = True
-        live = self._table.live()
+        live = self._stop_admitting("stopping")
         for record in live:
             self._begin_shutdown(record, Cause.SUPERVISOR_STOPPED, "supervisor stopping", notify_actor=True)
         if live:
             await asyncio.wait([asyncio.ensure_future(r.finished.wait()) for r in live])
         return Ack()
+
+    def _stop_admitting(self, why: str) -> list[JobRecord]:
+        self._admitting, self._refusal = False, why
+        for pool in self._pools.values():
+            pool.close()
+        return self._table.live()
 
     async def ping(self) -> str:
         return self._worker_id
@@ -173,6 +299,28 @@ class Supervisor:
             record.participants = list(report.identities)
             record.participant_actors = list(report.actors)
 
+    @endpoint(MemoryReport)
+    async def report_memory(self, report: MemoryReport) -> None:
+        """Warn above ``job_memory_warn_mb``; above ``job_memory_limit_mb`` shut the job down,
+        and kill it at once if it is already shutting down for that and still growing."""
+        record = self._table.get(report.job_id)
+        if record is None or record.state not in (JobState.RUNNING, JobState.SHUTTING_DOWN):
+            return
+        opts = self._agents.get(record.agent_name, self._settings)
+        previous, record.rss_mb = record.rss_mb, report.rss_mb
+        limit, warn = opts.job_memory_limit_mb, opts.job_memory_warn_mb
+        if limit and report.rss_mb > limit:
+            text = f"resident memory {report.rss_mb:.0f} MiB is over job_memory_limit_mb={limit:g}"
+            if record.state == JobState.RUNNING:
+                self._begin_shutdown(record, Cause.MEMORY_LIMIT, text, notify_actor=True)
+            elif record.shutdown_trigger == Cause.MEMORY_LIMIT and previous is not None and report.rss_mb > previous:
+                self._kill_attempt(record, Cause.MEMORY_LIMIT, text + " and still growing during shutdown")
+        elif warn and report.rss_mb > warn and time.monotonic() - record.last_memory_warning >= opts.memory_warn_interval:
+            record.last_memory_warning = time.monotonic()
+            growth = f"{report.rss_mb - previous:+.0f} MiB since the last report" if previous is not None else "first report"
+            logger.warning("job %s uses %.0f MiB (job_memory_warn_mb=%g; %s)", record.id, report.rss_mb, warn, growth,
+                           extra={"job_id": record.id, "room": record.spec.room, "rss_mb": round(report.rss_mb, 1)})
+
     # -- the job lifecycle ----------------------------------------------------------
 
     def _record(self, job_id: str) -> JobRecord:
@@ -181,13 +329,28 @@ class Supervisor:
             raise JobNotFound(f"no job {job_id!r} (unknown, or dropped from the finished-job history)")
         return record
 
-    def _self_handle(self) -> Any:
-        return ray.get_runtime_context().current_actor
-
     async def _run_job(self, record: JobRecord, opts: WorkerOptions) -> None:
-        """Drive one job to its end; whatever goes wrong, no job is left live with nobody driving it."""
+        """Run attempts until one ends for good; whatever goes wrong, no job is left live
+        with nobody driving it."""
         try:
-            await self._drive_job(record, opts)
+            while True:
+                began = now()
+                end = await self._run_attempt(record, opts)
+                record.attempts.append(AttemptInfo(
+                    attempt=record.attempt, state=end.state, cause=end.cause, error=end.error,
+                    pid=record.pid, node_id=record.node_id, started_at=began, ended_at=now()))
+                # A killed or crashed attempt never left its room; take its participant out.
+                evict_participant(self._namespace, record.spec.room, record.identity)
+                decision = self._restart_decision(record, end, opts)
+                if decision is None:
+                    self._finish(record, end)
+                    return
+                if decision is Cause.RESTART_LIMIT:
+                    self._finish(record, AttemptEnd(JobState.FAILED, Cause.RESTART_LIMIT, end.reason, (
+                        f"{opts.max_restarts} restarts within restart_window={opts.restart_window}s; "
+                        f"last attempt ended with {end.cause.value}: {end.error or ''}").strip()))
+                    return
+                self._restart(record, end)
         except Exception as err:
             logger.exception("driving job %s failed", record.id, extra={"job_id": record.id})
             if record.actor is not None:
@@ -195,54 +358,102 @@ class Supervisor:
             if not record.is_terminal:
                 cause = Cause.START_FAILED if record.pid is None else Cause.ACTOR_CRASHED
                 self._table.transition(record, JobState.FAILED, cause=cause, error=f"{type(err).__name__}: {err}")
-        finally:
-            # A killed or crashed job never left its room; take its participant out (idempotent).
+                self._metrics.ended(JobState.FAILED.value, cause.value)
             evict_participant(self._namespace, record.spec.room, record.identity)
+        finally:
+            self._metrics.active_jobs(len(self._table.live()))
 
-    async def _drive_job(self, record: JobRecord, opts: WorkerOptions) -> None:
-        """Create the job's actor, start it, and wait for its outcome or its death."""
-        handle = JobActorHandle.create(
-            job_id=record.id, opts=opts, supervisor=self._self_handle(), namespace=self._namespace
-        )
+    async def _run_attempt(self, record: JobRecord, opts: WorkerOptions) -> AttemptEnd:
+        """One actor's run of the job, from taking an actor to its outcome, death or kill."""
+        record.kill_end, record.killed = None, asyncio.Event()
+        pool = self._pools.get(opts.agent_name)
+        handle = (pool.take() if pool is not None and self._admitting else None) or self._new_actor(opts, record.id)
         record.actor = handle
         if record.state == JobState.PENDING:
             self._table.transition(record, JobState.STARTING)
-        else:  # shut down before it even started: the actor runs the protocol with no entrypoint
+        elif record.state == JobState.SHUTTING_DOWN:  # shut down before it started: no entrypoint runs
             handle.request_shutdown(ShutdownRequest(cause=record.cause or Cause.USER_SHUTDOWN, reason=record.reason))
         start = JobStart(
             job_id=record.id, room=record.spec.room, metadata=record.spec.metadata,
-            agent_name=opts.agent_name, dispatch_id=record.spec.dispatch_id,
-            worker_id=self._worker_id, identity=record.identity,
+            agent_name=opts.agent_name, dispatch_id=record.spec.dispatch_id, worker_id=self._worker_id,
+            identity=record.identity, name=record.agent_participant_name, attributes=record.agent_attributes,
+            participant_metadata=record.agent_metadata, log_format=self._log_format,
         )
         try:
             started = await handle.start(start, opts.initialize_process_timeout)
         except (ActorGone, StartError, asyncio.TimeoutError) as err:
             handle.kill()
-            if not record.is_terminal:
-                detail = str(err) or f"did not start within initialize_process_timeout={opts.initialize_process_timeout}s"
-                self._table.transition(record, JobState.FAILED, cause=Cause.START_FAILED, error=detail)
-            return
+            if record.kill_end is not None:
+                return record.kill_end
+            detail = str(err) or f"did not start within initialize_process_timeout={opts.initialize_process_timeout}s"
+            return AttemptEnd(JobState.FAILED, Cause.START_FAILED, error=detail)
         record.pid, record.node_id = started.pid, started.node_id
         handle.run()
         if record.state == JobState.STARTING:
             self._table.transition(record, JobState.RUNNING)
+            self._metrics.job_started(time.monotonic() - record.admitted_at)
+        health = supervised_task(self._watch_health(record, handle, opts), name=f"health:{record.id}",
+                                 logger=logger, tasks=self._tasks)
+        done = asyncio.ensure_future(handle.wait_done())
+        killed = asyncio.ensure_future(record.killed.wait())
         try:
-            outcome = await handle.wait_done()
-        except ActorGone as err:
-            handle.kill()  # unreachable is not necessarily dead: make sure it is
-            if not record.is_terminal:
-                self._table.transition(record, JobState.FAILED, cause=Cause.ACTOR_CRASHED, error=str(err))
-            return
+            await asyncio.wait({done, killed}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            health.cancel()
+            killed.cancel()
+        if record.kill_end is not None:
+            done.cancel()
+            return record.kill_end
         handle.kill()  # detached actors do not go away by themselves
-        self._finish(record, outcome)
-
-    def _finish(self, record: JobRecord, outcome: JobOutcome) -> None:
-        if record.is_terminal:  # killed at the deadline while the outcome was in flight
-            return
-        if record.state != JobState.SHUTTING_DOWN:  # the job's own report has not arrived yet
-            self._table.transition(record, JobState.SHUTTING_DOWN, cause=outcome.cause, reason=outcome.reason)
+        try:
+            outcome = done.result()
+        except ActorGone as err:
+            return AttemptEnd(JobState.FAILED, Cause.ACTOR_CRASHED, error=str(err))
         record.participant_actors = list(outcome.participant_actors)
-        self._table.transition(record, outcome.state, error=outcome.error)
+        cause = record.shutdown_trigger or outcome.cause
+        state = outcome.state
+        if cause in ABNORMAL_ENDS and state == JobState.SUCCEEDED:  # a clean shutdown of a sick job
+            state = JobState.FAILED
+        return AttemptEnd(state, cause, outcome.reason, outcome.error or (record.reason if state == JobState.FAILED else None))
+
+    def _restart_decision(self, record: JobRecord, end: AttemptEnd, opts: WorkerOptions) -> Cause | None:
+        """None: the job ends here. ``RESTART_LIMIT``: it would restart but may not.
+        Anything else: restart (the value is the cause of the restart)."""
+        policy = record.restart_policy
+        explicit = end.cause in EXPLICIT_ENDS or record.shutdown_trigger in EXPLICIT_ENDS
+        if policy is RestartPolicy.TEMPORARY or explicit or not self._admitting:
+            return None
+        if policy is RestartPolicy.TRANSIENT and end.cause not in ABNORMAL_ENDS:
+            return None
+        window_start = time.monotonic() - opts.restart_window
+        while record.restart_times and record.restart_times[0] < window_start:
+            record.restart_times.popleft()
+        if len(record.restart_times) >= opts.max_restarts:
+            return Cause.RESTART_LIMIT
+        return end.cause
+
+    def _restart(self, record: JobRecord, end: AttemptEnd) -> None:
+        """Same job id, new attempt on a new actor: it rejoins its room."""
+        record.restarts += 1
+        record.attempt += 1
+        record.restart_times.append(time.monotonic())
+        record.deadline = record.shutdown_trigger = record.shutdown_began = record.rss_mb = None
+        record.cause, record.reason, record.error, record.pid = None, "", None, None
+        record.participants, record.participant_actors, record.participants_version = [], [], 0
+        self._metrics.restarted(end.cause.value)
+        logger.warning("restarting job %s after %s (restart %d)", record.id, end.cause.value, record.restarts,
+                       extra={"job_id": record.id, "room": record.spec.room, "cause": end.cause.value})
+        self._table.transition(record, JobState.STARTING, reason=f"restart after {end.cause.value}")
+
+    def _finish(self, record: JobRecord, end: AttemptEnd) -> None:
+        if record.is_terminal:
+            return
+        if end.state == JobState.SUCCEEDED and record.state != JobState.SHUTTING_DOWN:
+            self._table.transition(record, JobState.SHUTTING_DOWN, cause=end.cause, reason=end.reason)
+        self._table.transition(record, end.state, cause=end.cause, error=end.error)
+        self._metrics.ended(end.state.value, end.cause.value)
+        if record.shutdown_began is not None:
+            self._metrics.job_shut_down(time.monotonic() - record.shutdown_began)
 
     def _begin_shutdown(self, record: JobRecord, cause: Cause, reason: str, *,
                         error: str | None = None, notify_actor: bool) -> None:
@@ -251,24 +462,45 @@ class Supervisor:
             return
         budget = record.shutdown_budget
         record.deadline = time.monotonic() + budget
+        record.shutdown_trigger, record.shutdown_began = cause, time.monotonic()
         self._table.transition(record, JobState.SHUTTING_DOWN, cause=cause, reason=reason, error=error)
         if notify_actor and record.actor is not None:
             record.actor.request_shutdown(ShutdownRequest(cause=cause, reason=reason))
-        supervised_task(self._enforce_deadline(record, budget), name=f"deadline:{record.id}",
+        supervised_task(self._enforce_deadline(record, record.attempt, budget), name=f"deadline:{record.id}",
                         logger=logger, tasks=self._tasks)
 
-    async def _enforce_deadline(self, record: JobRecord, budget: float) -> None:
-        """Kill the job's actor when its graceful budget is spent, whatever its code does."""
-        while record.deadline is not None and not record.is_terminal:
+    async def _enforce_deadline(self, record: JobRecord, attempt: int, budget: float) -> None:
+        """Kill the attempt's actor when its graceful budget is spent, whatever its code does."""
+        while record.attempt == attempt and record.deadline is not None and not record.is_terminal:
             remaining = record.deadline - time.monotonic()
             if remaining <= 0:
-                break
+                self._kill_attempt(record, Cause.SHUTDOWN_TIMEOUT, (
+                    f"shutdown did not complete within shutdown_process_timeout={budget}s; the job's actor was killed"))
+                return
             await asyncio.sleep(remaining)
-        if record.is_terminal or record.deadline is None:
+
+    async def _watch_health(self, record: JobRecord, handle: JobActorHandle, opts: WorkerOptions) -> None:
+        """Ping every ``ping_interval``; no answer within ``ping_timeout`` kills the attempt."""
+        while record.actor is handle and record.state == JobState.RUNNING:
+            await asyncio.sleep(opts.ping_interval * random.uniform(1 - PING_JITTER, 1 + PING_JITTER))
+            if record.actor is not handle or record.state != JobState.RUNNING:
+                return
+            try:
+                await handle.ping(opts.ping_timeout)
+            except asyncio.TimeoutError:
+                if record.actor is handle and record.state == JobState.RUNNING:
+                    self._kill_attempt(record, Cause.UNRESPONSIVE,
+                                       f"no answer to a ping within ping_timeout={opts.ping_timeout}s")
+                return
+            except ActorGone:
+                return  # the attempt's own wait notices
+
+    def _kill_attempt(self, record: JobRecord, cause: Cause, error: str) -> None:
+        """Kill the current attempt's actor (its children die with it) and end the attempt."""
+        if record.kill_end is not None or record.is_terminal:
             return
+        record.kill_end = AttemptEnd(JobState.KILLED, cause, record.reason, error)
         if record.actor is not None:
             record.actor.kill()
-        self._table.transition(
-            record, JobState.KILLED, cause=Cause.SHUTDOWN_TIMEOUT,
-            error=f"shutdown did not complete within shutdown_process_timeout={budget}s; the job's actor was killed",
-        )
+        self._metrics.killed(cause.value)
+        record.killed.set()

@@ -1,0 +1,109 @@
+"""The supervisor's metrics: Ray metrics (``ray.util.metrics``) plus a local mirror that
+``client.metrics()`` and ``rayvisor metrics`` read (Ray exports metrics only to Prometheus)."""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+
+from ray.util import metrics as ray_metrics
+
+from ..messages import HistogramSummary, MetricsSnapshot
+
+logger = logging.getLogger("rayvisor.metrics")
+
+LATENCY_BOUNDARIES = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60]
+
+
+def _key(name: str, tags: dict[str, str]) -> str:
+    return name + "".join(f"|{k}={v}" for k, v in sorted(tags.items()))
+
+
+class SupervisorMetrics:
+    """Every number the supervisor publishes, each changed through one method."""
+
+    def __init__(self, worker_id: str) -> None:
+        self._tags = {"worker_id": worker_id}
+        self._counters: dict[str, float] = defaultdict(float)
+        self._gauges: dict[str, float] = {}
+        self._histograms: dict[str, list[float]] = defaultdict(lambda: [0, 0.0, 0.0])
+        self._ray: dict[str, object] = {}
+        specs = {
+            "rayvisor_jobs_admitted": (ray_metrics.Counter, ("worker_id", "agent")),
+            "rayvisor_jobs_rejected": (ray_metrics.Counter, ("worker_id", "reason")),
+            "rayvisor_jobs_ended": (ray_metrics.Counter, ("worker_id", "state", "cause")),
+            "rayvisor_job_restarts": (ray_metrics.Counter, ("worker_id", "cause")),
+            "rayvisor_job_kills": (ray_metrics.Counter, ("worker_id", "cause")),
+            "rayvisor_pool_prewarm_failures": (ray_metrics.Counter, ("worker_id", "agent")),
+            "rayvisor_active_jobs": (ray_metrics.Gauge, ("worker_id",)),
+            "rayvisor_idle_actors": (ray_metrics.Gauge, ("worker_id", "agent")),
+        }
+        for name, (kind, keys) in specs.items():
+            self._ray[name] = self._make(kind, name, keys)
+        for name in ("rayvisor_job_start_seconds", "rayvisor_job_shutdown_seconds"):
+            self._ray[name] = self._make(ray_metrics.Histogram, name, ("worker_id",), boundaries=LATENCY_BOUNDARIES)
+
+    @staticmethod
+    def _make(kind, name: str, keys: tuple[str, ...], **kwargs):
+        try:
+            return kind(name, description=name.replace("_", " "), tag_keys=keys, **kwargs)
+        except Exception as err:  # metrics are best effort; the local mirror still counts
+            logger.warning("cannot create Ray metric %s: %r", name, err)
+            return None
+
+    def _count(self, name: str, **tags: str) -> None:
+        self._counters[_key(name, tags)] += 1
+        metric = self._ray.get(name)
+        if metric is not None:
+            metric.inc(1, tags={**self._tags, **tags})
+
+    def _set(self, name: str, value: float, **tags: str) -> None:
+        self._gauges[_key(name, tags)] = value
+        metric = self._ray.get(name)
+        if metric is not None:
+            metric.set(value, tags={**self._tags, **tags})
+
+    def _observe(self, name: str, seconds: float) -> None:
+        summary = self._histograms[name]
+        summary[0] += 1
+        summary[1] += seconds
+        summary[2] = max(summary[2], seconds)
+        metric = self._ray.get(name)
+        if metric is not None:
+            metric.observe(seconds, tags=self._tags)
+
+    def admitted(self, agent: str) -> None:
+        self._count("rayvisor_jobs_admitted", agent=agent)
+
+    def rejected(self, reason: str) -> None:
+        self._count("rayvisor_jobs_rejected", reason=reason)
+
+    def ended(self, state: str, cause: str) -> None:
+        self._count("rayvisor_jobs_ended", state=state, cause=cause)
+
+    def restarted(self, cause: str) -> None:
+        self._count("rayvisor_job_restarts", cause=cause)
+
+    def killed(self, cause: str) -> None:
+        self._count("rayvisor_job_kills", cause=cause)
+
+    def prewarm_failed(self, agent: str) -> None:
+        self._count("rayvisor_pool_prewarm_failures", agent=agent)
+
+    def active_jobs(self, count: int) -> None:
+        self._set("rayvisor_active_jobs", count)
+
+    def idle_actors(self, agent: str, count: int) -> None:
+        self._set("rayvisor_idle_actors", count, agent=agent)
+
+    def job_started(self, seconds: float) -> None:
+        self._observe("rayvisor_job_start_seconds", seconds)
+
+    def job_shut_down(self, seconds: float) -> None:
+        self._observe("rayvisor_job_shutdown_seconds", seconds)
+
+    def snapshot(self) -> MetricsSnapshot:
+        return MetricsSnapshot(
+            counters=dict(self._counters), gauges=dict(self._gauges),
+            histograms={k: HistogramSummary(count=int(v[0]), total=v[1], max=v[2]) for k, v in self._histograms.items()},
+        )
