@@ -94,15 +94,31 @@ def follow_lifecycle(client: Client, stop: threading.Event, emit: Callable[[str]
 
 
 def _run_worker(opts: WorkerOptions, *, mode: str, address: str | None, namespace: str) -> None:
-    """``dev``/``start``: serve the agent, print lifecycle, and on SIGINT/SIGTERM shut jobs
-    down through the protocol before leaving (and stop Ray if this process started it)."""
+    """``dev``/``start``: serve the agent and print the lifecycle. SIGINT, or a second
+    SIGTERM, shuts every job down through the protocol at once; a first SIGTERM drains
+    (no new jobs, running ones get ``drain_timeout``). Ray is stopped if we started it."""
     logs.configure(mode)
     started_ray = not ray.is_initialized() and address is None
-    client = serve(opts, address=address, namespace=namespace)
+    client = serve(opts, address=address, namespace=namespace, log_format="json" if mode == "start" else "text")
     stop = threading.Event()
+    draining = threading.Event()
+
+    def drain_then_stop() -> None:
+        try:
+            result = client.drain(timeout=opts.drain_timeout)
+            click.echo(f"drained: {result.ended_on_their_own} jobs ended on their own, "
+                       f"{result.shut_down} were shut down", err=True)
+        except RayvisorError as err:
+            click.echo(f"drain failed: {err}", err=True)
+        stop.set()
 
     def on_signal(signum: int, _frame: Any) -> None:
-        stop.set()
+        if signum == signal.SIGTERM and not draining.is_set():
+            draining.set()
+            click.echo(f"SIGTERM: draining for up to {opts.drain_timeout}s (send it again to stop at once)", err=True)
+            threading.Thread(target=drain_then_stop, name="rayvisor-drain", daemon=True).start()
+        else:
+            stop.set()
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
@@ -175,18 +191,20 @@ def build_cli(opts: WorkerOptions | None = None) -> click.Group:
     @click.option("--metadata", default=None, help="Job metadata, as JSON.")
     @click.option("--raw-metadata", default=None, help="Job metadata, any text.")
     @click.option("--agent-name", default=None, help="Agent to dispatch (if several are registered).")
+    @click.option("--restart", type=click.Choice(["temporary", "transient", "permanent"]), default=None,
+                  help="Override the agent's restart policy for this job.")
     @click.option("--wait", "wait_seconds", type=float, default=None, help="Wait this long for the job to end.")
     @attach_option
     @namespace_option
     def submit(room: str, metadata: str | None, raw_metadata: str | None, agent_name: str | None,
-               wait_seconds: float | None, address: str, namespace: str) -> None:
+               restart: str | None, wait_seconds: float | None, address: str, namespace: str) -> None:
         with _errors_as_messages():
             if metadata is not None and raw_metadata is not None:
                 raise click.UsageError("give --metadata or --raw-metadata, not both")
             text = _check_json(metadata) if metadata is not None else (raw_metadata or "")
             if opts is not None and agent_name is None:
                 agent_name = opts.agent_name
-            spec = JobSpec(room=room, metadata=text, agent_name=agent_name)
+            spec = JobSpec(room=room, metadata=text, agent_name=agent_name, restart=restart)
             client = connect(address, namespace=namespace)
             job_id = client.submit(spec)
             click.echo(job_id)
@@ -227,6 +245,23 @@ def build_cli(opts: WorkerOptions | None = None) -> click.Group:
             if wait_seconds is not None:
                 info = client.wait(job_id, timeout=wait_seconds)
             click.echo(format_info(info))
+
+    @group.command(help="Stop admitting jobs, let running ones end, shut the rest down at the deadline.")
+    @click.option("--timeout", type=float, default=600.0, show_default=True,
+                  help="Seconds running jobs may keep going before they are shut down.")
+    @attach_option
+    @namespace_option
+    def drain(timeout: float, address: str, namespace: str) -> None:
+        with _errors_as_messages():
+            result = connect(address, namespace=namespace).drain(timeout=timeout)
+            click.echo(f"drained: {result.ended_on_their_own} ended on their own, {result.shut_down} shut down")
+
+    @group.command(help="The supervisor's counters, gauges and latency summaries.")
+    @attach_option
+    @namespace_option
+    def metrics(address: str, namespace: str) -> None:
+        with _errors_as_messages():
+            _echo_json(connect(address, namespace=namespace).metrics().model_dump(mode="json"))
 
     @group.group(help="Simulated participants in the local room backend.")
     def room() -> None:

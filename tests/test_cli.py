@@ -142,3 +142,52 @@ def test_dev_serves_an_agent_file_prints_the_lifecycle_and_stops_cleanly_on_ctrl
     assert [line.split()[3] for line in lines] == ["PENDING", "STARTING", "RUNNING", "SHUTTING_DOWN", "SUCCEEDED"]
     with pytest.raises(SupervisorNotFound):
         rayvisor.connect(namespace=namespace)
+
+
+def test_metrics_and_drain_from_the_command_line(cli, rooms):
+    cli("room", "join", "desk", "alice")
+    job_id = cli("submit", "--room", "desk", "--restart", "transient").output.strip()
+    rooms.participant("desk", "alice").wait_for_messages(1, topic="hello", timeout=20)
+
+    counters = json.loads(cli("metrics").output)["counters"]
+    assert counters["rayvisor_jobs_admitted|agent="] == 1
+
+    assert "0 ended on their own, 1 shut down" in cli("drain", "--timeout", "0.2").output
+    assert "Draining" in cli("submit", "--room", "late", ok=False).output
+    assert json.loads(cli("status", job_id).output)["cause"] == "drained"
+
+
+def test_sigterm_drains_a_served_agent_and_a_second_one_is_not_needed(tmp_path, namespace, rooms):
+    agent = tmp_path / "drained_agent.py"
+    agent.write_text(textwrap.dedent('''
+        from rayvisor import JobContext, WorkerOptions
+
+        async def entrypoint(ctx: JobContext):
+            await ctx.connect()
+            await ctx.room.local_participant.send_text("up", topic="hello")
+
+        opts = WorkerOptions(entrypoint_fnc=entrypoint, drain_timeout=0.5, num_idle_actors=0, max_idle_actors=0)
+    '''))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rayvisor.cli", "start", str(agent), "--address",
+         ray.get_runtime_context().gcs_address, "--namespace", namespace],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        def supervisor_up():
+            try:
+                return rayvisor.connect(namespace=namespace)
+            except SupervisorNotFound:
+                return None
+
+        client = wait_until(supervisor_up, timeout=60, interval=0.1)
+        user = rooms.join("drained-room", "user")
+        job_id = client.submit(room="drained-room")
+        user.wait_for_messages(1, topic="hello", timeout=20)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr
+    assert "draining" in stderr and "1 were shut down" in stderr
+    with pytest.raises(SupervisorNotFound):
+        rayvisor.connect(namespace=namespace)

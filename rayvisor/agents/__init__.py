@@ -2,9 +2,12 @@
 
 from .job import JobContext, JobProcess
 from .options import AutoSubscribe, EndWhen, WorkerOptions
+from .participant import ParticipantContext
+from .request import JobRequest, LoadInfo
 from .room import LocalParticipant, Participant, RemoteParticipant, Room
 
 __all__ = [
-    "AutoSubscribe", "EndWhen", "JobContext", "JobProcess", "LocalParticipant", "Participant",
+    "AutoSubscribe", "EndWhen", "JobContext", "JobProcess", "JobRequest", "LoadInfo", "LocalParticipant",
+    "Participant", "ParticipantContext",
     "RemoteParticipant", "Room", "WorkerOptions",
 ]
