@@ -237,6 +237,7 @@ class JobStart(Record):
     dispatch_id: str
     worker_id: str
     identity: str
+    attempt: int = 1
     name: str = ""
     """The agent participant's name (``JobRequest.accept(name=...)``)."""
     attributes: dict[str, str] = {}
@@ -249,6 +250,8 @@ class MemoryReport(Record):
     """Job actor -> supervisor, every ``memory_check_interval``: its resident memory."""
 
     job_id: str
+    attempt: int = 1
+    """Which attempt (actor) of the job sent it: reports from an earlier attempt are dropped."""
     rss_mb: float
 
 
@@ -274,6 +277,8 @@ class ShutdownStarted(Record):
     room empty or deleted, entrypoint error); the supervisor starts the deadline."""
 
     job_id: str
+    attempt: int = 1
+    """Which attempt (actor) of the job sent it: reports from an earlier attempt are dropped."""
     cause: Cause = Field(strict=False)
     reason: str = ""
     error: str | None = None
@@ -320,6 +325,8 @@ class ParticipantsChanged(Record):
     """Job actor -> supervisor: who the job sees, and its participant actors."""
 
     job_id: str
+    attempt: int = 1
+    """Which attempt (actor) of the job sent it: reports from an earlier attempt are dropped."""
     version: int = 0
     """Increases with every report: reports may arrive out of order, older ones are ignored."""
     identities: list[str]

@@ -245,10 +245,30 @@ def test_submits_beyond_max_jobs_fail_fast_and_no_running_job_is_lost(serve, roo
     client.submit(room="cap-3")  # capacity freed
 
 
-def test_load_fnc_above_the_threshold_means_at_capacity(serve):
+def test_load_fnc_above_the_threshold_or_failing_means_at_capacity(serve):
     client = serve(answers_and_crashes, load_fnc=lambda info: 0.9, load_threshold=0.8)
     with pytest.raises(AtCapacity, match="load 0.90"):
         client.submit(room="busy")
+
+
+
+def broken_load(info) -> float:
+    raise RuntimeError("metrics backend down")
+
+
+def test_a_failing_load_fnc_fails_closed(serve):
+    client = serve(answers_and_crashes, load_fnc=broken_load)
+    with pytest.raises(AtCapacity, match="metrics backend down"):
+        client.submit(room="unknown-load")
+
+
+def test_job_resources_that_are_not_free_are_at_capacity_at_once(serve):
+    client = serve(answers_and_crashes, job_resources={"rayvisor_gpu_that_does_not_exist": 1})
+    asked = time.monotonic()
+    with pytest.raises(AtCapacity, match="not enough free Ray resources"):
+        client.submit(room="nowhere")
+    assert time.monotonic() - asked < 1.0
+    assert client.list() == []
 
 
 def test_request_fnc_accepts_or_rejects_each_job(serve, rooms):
@@ -263,6 +283,35 @@ def test_request_fnc_accepts_or_rejects_each_job(serve, rooms):
     agent = next(p for p in rooms.participants("vip-lounge") if p.identity.startswith("concierge-"))
     assert agent.identity == f"concierge-{job_id}" and agent.name == "Concierge"
     assert agent.attributes == {"tier": "gold"}
+
+
+async def decides_slowly(req) -> None:
+    await asyncio.sleep(1.0)
+    await req.reject()
+
+
+def test_stopping_while_request_fnc_decides_ends_the_job_cleanly(serve):
+    from rayvisor.errors import JobRejected as Rejected
+
+    client = serve(answers_and_crashes, request_fnc=decides_slowly)
+    outcome: list = []
+
+    def submit() -> None:
+        try:
+            client.submit(room="undecided")
+        except Rejected as err:
+            outcome.append(err)
+
+    submitter = threading.Thread(target=submit)
+    submitter.start()
+    wait_until(lambda: client.list(), timeout=5)
+    job_id = client.list()[0].id
+    client.shutdown(job_id, reason="never mind")
+    submitter.join(timeout=10)
+
+    info = client.wait(job_id, timeout=10)
+    assert outcome and info.state == JobState.REJECTED
+    assert client.list()[0].state.is_terminal
 
 
 # -- drain -----------------------------------------------------------------------------
@@ -286,11 +335,17 @@ def test_drain_lets_short_jobs_finish_and_shuts_long_ones_down_at_the_deadline(s
 
 
 def _refuses(client) -> bool:
+    """Probe without risk of admitting a job: an unknown agent is refused either way, but a
+    draining supervisor says Draining first."""
+    from rayvisor.errors import UnknownAgent
+
     try:
-        client.submit(room="too-late")
+        client.submit(room="too-late", agent_name="no-such-agent")
     except Draining:
         return True
-    return False
+    except UnknownAgent:
+        return False
+    raise AssertionError("the probe was admitted")
 
 
 # -- metrics ---------------------------------------------------------------------------
@@ -304,10 +359,39 @@ def test_metrics_count_admissions_ends_kills_and_latencies(serve, rooms):
     user.send_text("bye", topic="cmd")
     client.wait(job_id, timeout=15)
 
+    crashing, crasher, _, _ = submit_and_greet(client, rooms, "counted-2", restart="transient")
+    crasher.send_text("crash", topic="cmd")
+    crasher.wait_for_messages(2, topic="hello", timeout=30)
+    client.shutdown(crashing)
+    client.wait(crashing, timeout=15)
+
     snapshot = client.metrics()
-    assert snapshot.counters["rayvisor_jobs_admitted|agent="] == 1
+    assert snapshot.counters["rayvisor_job_restarts|cause=actor_crashed"] == 1
+    assert snapshot.counters["rayvisor_jobs_admitted|agent="] == 2
     assert snapshot.counters["rayvisor_jobs_rejected|reason=at_capacity"] == 1
-    assert snapshot.counters["rayvisor_jobs_ended|cause=user_shutdown|state=SUCCEEDED"] == 1
+    assert snapshot.counters["rayvisor_jobs_ended|cause=user_shutdown|state=SUCCEEDED"] == 2
     assert snapshot.gauges["rayvisor_active_jobs"] == 0
-    assert snapshot.histograms["rayvisor_job_start_seconds"].count == 1
-    assert snapshot.histograms["rayvisor_job_shutdown_seconds"].count == 1
+    assert snapshot.histograms["rayvisor_job_start_seconds"].count == 3  # two jobs, one restart
+    assert snapshot.histograms["rayvisor_job_shutdown_seconds"].count == 2
+
+
+def test_unresponsive_kills_are_counted(serve, rooms):
+    client = serve(blocks_after_greeting, ping_interval=0.3, ping_timeout=1.0)
+    job_id, _user, _observer, _ = submit_and_greet(client, rooms, "counted-kill")
+    client.wait(job_id, timeout=15)
+    assert client.metrics().counters["rayvisor_job_kills|cause=unresponsive"] == 1
+
+
+def test_closing_the_warm_pool_leaves_no_idle_actor(serve, namespace):
+    import ray
+
+    client = serve(reports_prewarm, prewarm_fnc=remember_when_prewarmed, num_idle_actors=2, max_idle_actors=2)
+    wait_until(lambda: client.metrics().gauges.get("rayvisor_idle_actors|agent=") == 2, timeout=30)
+
+    client.drain(timeout=1)
+
+    def idle_actors() -> list[str]:
+        return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                if a["namespace"] == namespace and a["name"].startswith("rayvisor-job-idle-")]
+
+    wait_until(lambda: not idle_actors(), timeout=10)

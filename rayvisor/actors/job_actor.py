@@ -144,7 +144,7 @@ class JobRunner:
             # Sent synchronously so the supervisor starts the deadline even if the
             # shutdown task below never gets to run (a blocked or hostile loop).
             self._reporter.shutdown_started(ShutdownStarted(
-                job_id=self._start.job_id, cause=cause, reason=reason, error=error))
+                job_id=self._start.job_id, attempt=self._start.attempt, cause=cause, reason=reason, error=error))
         # Children start stopping now, alongside the entrypoint's cancellation, within their share.
         self.participants.begin_stop_all(self._opts.shutdown_process_timeout)
         supervised_task(self._shutdown(), name="job-shutdown", logger=logger, tasks=self._tasks)
@@ -178,7 +178,7 @@ class JobRunner:
     def _on_participants_changed(self, _participant: RemoteParticipant | None = None) -> None:
         self._reports += 1
         self._reporter.participants_changed(ParticipantsChanged(
-            job_id=self._start.job_id, version=self._reports, identities=sorted(self.ctx.room.remote_participants),
+            job_id=self._start.job_id, attempt=self._start.attempt, version=self._reports, identities=sorted(self.ctx.room.remote_participants),
             actors=self.participants.infos()))
 
     async def relay(self, request: RelayRequest) -> None:
@@ -243,6 +243,7 @@ class JobActor:
         self._runner: JobRunner | None = None
         self._runner_ready = asyncio.Event()
         self._early_shutdown: ShutdownRequest | None = None
+        self._memory: MemoryMonitor | None = None
 
     def _prewarm(self) -> None:
         if not self._prewarmed and self._opts.prewarm_fnc is not None:
@@ -279,7 +280,8 @@ class JobActor:
         self._memory = MemoryMonitor(
             interval=self._opts.memory_check_interval,
             report=lambda rss_mb: self._supervisor.report_memory.remote(
-                encode(MemoryReport(job_id=start.job_id, rss_mb=rss_mb))) if self._supervisor is not None else None,
+                encode(MemoryReport(job_id=start.job_id, attempt=start.attempt, rss_mb=rss_mb)))
+            if self._supervisor is not None else None,
         )
         self._memory.start()
         if self._early_shutdown is not None:
@@ -296,7 +298,10 @@ class JobActor:
         """Resolves when the shutdown sequence has completed (the job's outcome)."""
         await self._runner_ready.wait()
         assert self._runner is not None
-        return encode(await self._runner.wait_done())
+        outcome = await self._runner.wait_done()
+        if self._memory is not None:
+            self._memory.stop()
+        return encode(outcome)
 
     async def shutdown(self, data: bytes) -> bytes:
         """Begin the shutdown protocol (returns at once; the supervisor holds the deadline)."""

@@ -62,9 +62,11 @@ class WorkerOptions:
     max_jobs: int | None = None
     """Jobs this supervisor runs at once; beyond it a submit fails with ``AtCapacity``."""
     load_fnc: Callable[["LoadInfo"], float] | None = None
-    """``def load_fnc(info: LoadInfo) -> float`` in [0, 1]; default: active jobs / ``max_jobs``."""
+    """``def load_fnc(info: LoadInfo) -> float`` in [0, 1], run in a thread at each submit."""
     load_threshold: float = 0.75
-    """Load at or above which a submit fails with ``AtCapacity``."""
+    """Load at or above which a submit fails with ``AtCapacity`` (only with a ``load_fnc``)."""
+    load_timeout: float = 1.0
+    """Bound (seconds) on ``load_fnc``, which runs in a thread; no answer in time is ``AtCapacity``."""
     drain_timeout: float = 1800.0
     """``rayvisor start`` on SIGTERM, and ``client.drain()`` by default: how long running jobs
     may keep going before they are shut down (cause ``drained``)."""
@@ -135,6 +137,7 @@ class WorkerOptions:
             raise InvalidAgent(f"agent_name must be a string, got {type(self.agent_name).__name__}")
         for name in ("shutdown_process_timeout", "initialize_process_timeout", "control_call_timeout",
                      "room_poll_timeout", "participant_shutdown_timeout", "restart_window", "request_timeout",
+                     "load_timeout",
                      "drain_timeout", "ping_interval", "ping_timeout", "memory_check_interval",
                      "memory_warn_interval", "pool_rate_window", "pool_backoff_initial", "pool_backoff_max"):
             value = getattr(self, name)

@@ -31,7 +31,9 @@ ALLOWED_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     JobState.STARTING: frozenset({JobState.STARTING, JobState.RUNNING, JobState.SHUTTING_DOWN, JobState.FAILED,
                                   JobState.KILLED}),
     JobState.RUNNING: frozenset({JobState.STARTING, JobState.SHUTTING_DOWN, JobState.FAILED, JobState.KILLED}),
-    JobState.SHUTTING_DOWN: frozenset({JobState.STARTING, JobState.SUCCEEDED, JobState.FAILED, JobState.KILLED}),
+    # SHUTTING_DOWN -> REJECTED: shut down while request_fnc was still deciding, then rejected.
+    JobState.SHUTTING_DOWN: frozenset({JobState.STARTING, JobState.SUCCEEDED, JobState.FAILED, JobState.KILLED,
+                                       JobState.REJECTED}),
     JobState.SUCCEEDED: frozenset(),
     JobState.FAILED: frozenset(),
     JobState.KILLED: frozenset(),
@@ -86,7 +88,8 @@ class JobRecord:
     kill_end: AttemptEnd | None = None
     """Set when the supervisor killed the current attempt (deadline, unresponsive, memory)."""
     killed: asyncio.Event = field(default_factory=asyncio.Event)
-    admitted_at: float = field(default_factory=time.monotonic)
+    attempt_began: float = field(default_factory=time.monotonic)
+    """When the current attempt began (admission, or the restart), for the start-latency metric."""
     shutdown_began: float | None = None
     rss_mb: float | None = None
     last_memory_warning: float = 0.0

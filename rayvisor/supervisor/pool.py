@@ -24,6 +24,8 @@ from .metrics import SupervisorMetrics
 
 logger = logging.getLogger("rayvisor.pool")
 
+TRIM_CHECKS_PER_WINDOW = 6
+"""How often per ``pool_rate_window`` the pool re-evaluates its target when nothing happens."""
 INITIAL_REFILL_ESTIMATE = 0.5
 """Assumed seconds to create and prewarm one actor until the first one has been measured."""
 
@@ -46,7 +48,7 @@ class WarmPool:
         self._closed = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self.prewarm_attempts = 0
-        supervised_task(self._fill(), name=f"pool:{opts.agent_name}", logger=logger, tasks=self._tasks)
+        self._filler = supervised_task(self._fill(), name=f"pool:{opts.agent_name}", logger=logger, tasks=self._tasks)
 
     @property
     def idle(self) -> int:
@@ -73,11 +75,9 @@ class WarmPool:
     def close(self) -> None:
         """Stop refilling and kill every idle actor."""
         self._closed = True
-        self._wake.set()
+        self._filler.cancel()  # prewarms in flight finish and kill their actor (see _prewarm_one)
         while self._ready:
             self._ready.popleft().kill()
-        for task in list(self._tasks):
-            task.cancel()
         self._publish()
 
     async def _fill(self) -> None:
@@ -88,7 +88,14 @@ class WarmPool:
                    and len(self._ready) + self._starting < self.target()):
                 self._starting += 1
                 supervised_task(self._prewarm_one(), name="pool-prewarm", logger=logger, tasks=self._tasks)
-            wait = max(0.0, self._not_before - now) if now < self._not_before else None
+            target = self.target()
+            while len(self._ready) > target:  # the arrival rate fell: let extra actors go
+                self._ready.pop().kill()
+                self._publish()
+            # Wake for a backoff that ends, and now and then to let the target follow the rate.
+            wait = self._opts.pool_rate_window / TRIM_CHECKS_PER_WINDOW
+            if now < self._not_before:
+                wait = min(wait, self._not_before - now)
             try:
                 await asyncio.wait_for(self._wake.wait(), wait)
             except asyncio.TimeoutError:
@@ -101,6 +108,10 @@ class WarmPool:
         try:
             handle = self._create()
             await handle.prewarm(self._opts.initialize_process_timeout)
+        except asyncio.CancelledError:  # the supervisor itself is going away
+            if handle is not None:
+                handle.kill()
+            raise
         except Exception as err:
             if handle is not None:
                 handle.kill()

@@ -134,7 +134,8 @@ class Supervisor:
         if size > self._settings.max_metadata_bytes:
             raise MetadataTooLarge(
                 f"metadata is {size} bytes; the limit is max_metadata_bytes={self._settings.max_metadata_bytes}")
-        self._check_capacity()
+        load = await self._load()
+        self._check_capacity(opts, load)
         record = JobRecord(id=new_job_id(), spec=spec, agent_name=opts.agent_name,
                            shutdown_budget=opts.shutdown_process_timeout,
                            restart_policy=spec.restart or opts.restart)
@@ -146,23 +147,50 @@ class Supervisor:
         supervised_task(self._run_job(record, opts), name=f"job:{record.id}", logger=logger, tasks=self._tasks)
         return record.info()
 
-    def _check_capacity(self) -> None:
+    async def _load(self) -> float | None:
+        """``load_fnc``'s answer, computed in a thread so user code cannot stall the
+        supervisor's loop; it fails closed (an error or no answer in time is full load)."""
         settings = self._settings
-        active = len(self._table.live())
-        if settings.max_jobs is not None and active >= settings.max_jobs:
-            self._metrics.rejected("at_capacity")
-            raise AtCapacity(f"{active} jobs are running; max_jobs={settings.max_jobs}")
-        idle = sum(pool.idle for pool in self._pools.values())
-        info = LoadInfo(active_jobs=active, max_jobs=settings.max_jobs, idle_actors=idle)
+        if settings.load_fnc is None:
+            return None
+        info = LoadInfo(active_jobs=len(self._table.live()), max_jobs=settings.max_jobs,
+                        idle_actors=sum(pool.idle for pool in self._pools.values()))
         try:
-            load = settings.load_fnc(info) if settings.load_fnc else (
-                active / settings.max_jobs if settings.max_jobs else 0.0)
+            load = await asyncio.wait_for(asyncio.to_thread(settings.load_fnc, info), settings.load_timeout)
+            return float(load)
+        except asyncio.TimeoutError:
+            self._metrics.rejected("at_capacity")
+            raise AtCapacity(f"load_fnc did not answer within load_timeout={settings.load_timeout}s") from None
         except Exception as err:
-            logger.exception("load_fnc raised; admitting as if unloaded")
-            load = 0.0 if not isinstance(err, AtCapacity) else 1.0
-        if load >= settings.load_threshold:
+            logger.exception("load_fnc failed")
+            self._metrics.rejected("at_capacity")
+            raise AtCapacity(f"load_fnc failed ({type(err).__name__}: {err}); refusing jobs until it works") from None
+
+    def _check_capacity(self, opts: WorkerOptions, load: float | None) -> None:
+        """Synchronous, so the check and the reservation that follows it are atomic."""
+        settings = self._settings
+        live = self._table.live()
+        if settings.max_jobs is not None and len(live) >= settings.max_jobs:
+            self._metrics.rejected("at_capacity")
+            raise AtCapacity(f"{len(live)} jobs are running; max_jobs={settings.max_jobs}")
+        if load is not None and load >= settings.load_threshold:
             self._metrics.rejected("at_capacity")
             raise AtCapacity(f"load {load:.2f} is at or above load_threshold={settings.load_threshold}")
+        if opts.job_resources:
+            self._check_resources(opts, live)
+
+    def _check_resources(self, opts: WorkerOptions, live: list[JobRecord]) -> None:
+        """Ray resources a job asks for must be free now, net of jobs admitted but not placed yet."""
+        available = ray.available_resources()
+        for record in live:
+            if record.pid is None:  # admitted, not placed: its resources are spoken for
+                for name, amount in self._agents.get(record.agent_name, self._settings).job_resources.items():
+                    available[name] = available.get(name, 0.0) - amount
+        short = {name: amount for name, amount in opts.job_resources.items() if available.get(name, 0.0) < amount}
+        if short:
+            self._metrics.rejected("at_capacity")
+            raise AtCapacity(f"not enough free Ray resources for job_resources={opts.job_resources}: "
+                             f"free {({n: max(0.0, available.get(n, 0.0)) for n in short})}")
 
     async def _ask(self, opts: WorkerOptions, record: JobRecord) -> None:
         """Run ``request_fnc``; a rejection (or no answer in time) records REJECTED and raises."""
@@ -170,12 +198,14 @@ class Supervisor:
                                       agent_name=opts.agent_name, dispatch_id=record.spec.dispatch_id))
         problem = ""
         try:
-            await asyncio.wait_for(opts.request_fnc(request), opts.request_timeout)
+            await asyncio.wait_for(opts.request_fnc(request), opts.request_timeout)  # as LiveKit Agents does
         except asyncio.TimeoutError:
             problem = f"request_fnc did not answer within request_timeout={opts.request_timeout}s"
         except Exception as err:
             logger.exception("request_fnc raised")
             problem = f"request_fnc raised {type(err).__name__}: {err}"
+        if record.is_terminal:  # stopped while request_fnc was deciding
+            raise JobRejected(f"job {record.id} ended while request_fnc was deciding ({record.cause})")
         if request.answer is Answer.ACCEPTED and request.acceptance is not None and not problem:
             record.agent_identity = request.acceptance.identity
             record.agent_participant_name = request.acceptance.name
@@ -235,7 +265,8 @@ class Supervisor:
         shut the rest down through the protocol (cause ``drained``). Returns at once."""
         live = self._stop_admitting("draining")
         self._drained_from = [r.id for r in live]
-        bound = request.timeout + max((r.shutdown_budget for r in live), default=0.0)
+        starting = max((o.request_timeout + o.initialize_process_timeout for o in self._agents.values()), default=0.0)
+        bound = request.timeout + max((r.shutdown_budget for r in live), default=0.0) + starting
         supervised_task(self._drain(live, request.timeout), name="drain", logger=logger, tasks=self._tasks)
         return DrainStarted(bound=bound, live_jobs=len(live))
 
@@ -288,13 +319,14 @@ class Supervisor:
     async def report_shutdown_started(self, report: ShutdownStarted) -> None:
         """A job began shutting down on its own: start its deadline."""
         record = self._table.get(report.job_id)
-        if record is not None:
+        if record is not None and record.attempt == report.attempt:
             self._begin_shutdown(record, report.cause, report.reason, error=report.error, notify_actor=False)
 
     @endpoint(ParticipantsChanged)
     async def report_participants(self, report: ParticipantsChanged) -> None:
         record = self._table.get(report.job_id)
-        if record is not None and not record.is_terminal and report.version > record.participants_version:
+        if (record is not None and not record.is_terminal and record.attempt == report.attempt
+                and report.version > record.participants_version):
             record.participants_version = report.version
             record.participants = list(report.identities)
             record.participant_actors = list(report.actors)
@@ -304,7 +336,8 @@ class Supervisor:
         """Warn above ``job_memory_warn_mb``; above ``job_memory_limit_mb`` shut the job down,
         and kill it at once if it is already shutting down for that and still growing."""
         record = self._table.get(report.job_id)
-        if record is None or record.state not in (JobState.RUNNING, JobState.SHUTTING_DOWN):
+        if (record is None or record.attempt != report.attempt
+                or record.state not in (JobState.RUNNING, JobState.SHUTTING_DOWN)):
             return
         opts = self._agents.get(record.agent_name, self._settings)
         previous, record.rss_mb = record.rss_mb, report.rss_mb
@@ -313,7 +346,7 @@ class Supervisor:
             text = f"resident memory {report.rss_mb:.0f} MiB is over job_memory_limit_mb={limit:g}"
             if record.state == JobState.RUNNING:
                 self._begin_shutdown(record, Cause.MEMORY_LIMIT, text, notify_actor=True)
-            elif record.shutdown_trigger == Cause.MEMORY_LIMIT and previous is not None and report.rss_mb > previous:
+            elif previous is not None and report.rss_mb > previous:  # shutting down, yet still growing
                 self._kill_attempt(record, Cause.MEMORY_LIMIT, text + " and still growing during shutdown")
         elif warn and report.rss_mb > warn and time.monotonic() - record.last_memory_warning >= opts.memory_warn_interval:
             record.last_memory_warning = time.monotonic()
@@ -365,33 +398,42 @@ class Supervisor:
 
     async def _run_attempt(self, record: JobRecord, opts: WorkerOptions) -> AttemptEnd:
         """One actor's run of the job, from taking an actor to its outcome, death or kill."""
-        record.kill_end, record.killed = None, asyncio.Event()
-        pool = self._pools.get(opts.agent_name)
-        handle = (pool.take() if pool is not None and self._admitting else None) or self._new_actor(opts, record.id)
-        record.actor = handle
+        if record.kill_end is not None:  # killed (deadline passed) before it even had an actor
+            return record.kill_end
         if record.state == JobState.PENDING:
             self._table.transition(record, JobState.STARTING)
-        elif record.state == JobState.SHUTTING_DOWN:  # shut down before it started: no entrypoint runs
-            handle.request_shutdown(ShutdownRequest(cause=record.cause or Cause.USER_SHUTDOWN, reason=record.reason))
         start = JobStart(
             job_id=record.id, room=record.spec.room, metadata=record.spec.metadata,
             agent_name=opts.agent_name, dispatch_id=record.spec.dispatch_id, worker_id=self._worker_id,
-            identity=record.identity, name=record.agent_participant_name, attributes=record.agent_attributes,
-            participant_metadata=record.agent_metadata, log_format=self._log_format,
+            identity=record.identity, attempt=record.attempt, name=record.agent_participant_name,
+            attributes=record.agent_attributes, participant_metadata=record.agent_metadata,
+            log_format=self._log_format,
         )
-        try:
-            started = await handle.start(start, opts.initialize_process_timeout)
-        except (ActorGone, StartError, asyncio.TimeoutError) as err:
-            handle.kill()
-            if record.kill_end is not None:
-                return record.kill_end
-            detail = str(err) or f"did not start within initialize_process_timeout={opts.initialize_process_timeout}s"
-            return AttemptEnd(JobState.FAILED, Cause.START_FAILED, error=detail)
+        pool = self._pools.get(opts.agent_name)
+        pooled = pool.take() if pool is not None and self._admitting else None
+        while True:
+            handle = pooled or self._new_actor(opts, record.id + (f"-{record.attempt}" if record.attempt > 1 else ""))
+            record.actor = handle
+            if record.state == JobState.SHUTTING_DOWN:  # shut down before it started: no entrypoint runs
+                handle.request_shutdown(ShutdownRequest(cause=record.cause or Cause.USER_SHUTDOWN,
+                                                        reason=record.reason))
+            try:
+                started = await handle.start(start, opts.initialize_process_timeout)
+                break
+            except (ActorGone, StartError, asyncio.TimeoutError) as err:
+                handle.kill()
+                if record.kill_end is not None:
+                    return record.kill_end
+                if pooled is not None and isinstance(err, ActorGone):
+                    pooled = None  # an idle actor that died while waiting: try a cold one
+                    continue
+                detail = str(err) or f"did not start within initialize_process_timeout={opts.initialize_process_timeout}s"
+                return AttemptEnd(JobState.FAILED, Cause.START_FAILED, error=detail)
         record.pid, record.node_id = started.pid, started.node_id
         handle.run()
         if record.state == JobState.STARTING:
             self._table.transition(record, JobState.RUNNING)
-            self._metrics.job_started(time.monotonic() - record.admitted_at)
+            self._metrics.job_started(time.monotonic() - record.attempt_began)
         health = supervised_task(self._watch_health(record, handle, opts), name=f"health:{record.id}",
                                  logger=logger, tasks=self._tasks)
         done = asyncio.ensure_future(handle.wait_done())
@@ -423,7 +465,7 @@ class Supervisor:
         explicit = end.cause in EXPLICIT_ENDS or record.shutdown_trigger in EXPLICIT_ENDS
         if policy is RestartPolicy.TEMPORARY or explicit or not self._admitting:
             return None
-        if policy is RestartPolicy.TRANSIENT and end.cause not in ABNORMAL_ENDS:
+        if policy is RestartPolicy.TRANSIENT and (record.shutdown_trigger or end.cause) not in ABNORMAL_ENDS:
             return None
         window_start = time.monotonic() - opts.restart_window
         while record.restart_times and record.restart_times[0] < window_start:
@@ -436,6 +478,8 @@ class Supervisor:
         """Same job id, new attempt on a new actor: it rejoins its room."""
         record.restarts += 1
         record.attempt += 1
+        record.attempt_began = time.monotonic()
+        record.kill_end, record.killed = None, asyncio.Event()
         record.restart_times.append(time.monotonic())
         record.deadline = record.shutdown_trigger = record.shutdown_began = record.rss_mb = None
         record.cause, record.reason, record.error, record.pid = None, "", None, None
