@@ -196,6 +196,8 @@ class Cause(str, enum.Enum):
     RESTART_LIMIT = "restart_limit"
     DRAINED = "drained"
     REJECTED = "rejected"
+    NODE_LOST = "node_lost"
+    NO_CAPACITY = "no_capacity"
 
 
 
@@ -331,6 +333,17 @@ class ParticipantsChanged(Record):
     """Increases with every report: reports may arrive out of order, older ones are ignored."""
     identities: list[str]
     actors: list[ParticipantActorInfo] = []
+
+
+@register
+class JobDescription(Record):
+    """Job actor -> a (restarted) supervisor: where the job's own lifecycle stands."""
+
+    job_id: str
+    shutting_down: bool
+    cause: Cause | None = Field(default=None, strict=False)
+    reason: str = ""
+    error: str | None = None
 
 
 @register

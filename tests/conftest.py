@@ -17,8 +17,8 @@ import rayvisor  # noqa: E402
 from rayvisor.rooms.local import LocalRooms  # noqa: E402
 
 
-@pytest.fixture(scope="session", autouse=True)
-def ray_session() -> Iterator[None]:
+def start_session_ray() -> None:
+    """The single-node Ray most tests share (tests/test_cluster.py swaps it for a cluster)."""
     ray.init(
         num_cpus=2,
         include_dashboard=False,
@@ -26,6 +26,11 @@ def ray_session() -> Iterator[None]:
         log_to_driver=False,
         namespace="rayvisor-tests",
     )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def ray_session() -> Iterator[None]:
+    start_session_ray()
     try:
         yield
     finally:

@@ -28,6 +28,7 @@ from ..messages import (
     Cause,
     JobOutcome,
     JobStart,
+    JobDescription,
     JobStarted,
     JobState,
     MemoryReport,
@@ -168,6 +169,22 @@ class JobRunner:
         self.state = RunnerState.DONE
         self._done.set()
 
+    @property
+    def job_id(self) -> str:
+        return self._start.job_id
+
+    @property
+    def cause(self) -> Cause | None:
+        return self._cause
+
+    @property
+    def reason(self) -> str:
+        return self._reason
+
+    @property
+    def first_error(self) -> str | None:
+        return self._errors[0] if self._errors else None
+
     async def wait_done(self) -> JobOutcome:
         await self._done.wait()
         assert self._outcome is not None
@@ -271,6 +288,8 @@ class JobActor:
         loop from its first line must not be able to hold back this reply.
         """
         start = decode(data, JobStart)
+        if self._runner is not None:  # a restarted supervisor asking again: same answer
+            return encode(JobStarted(pid=os.getpid(), node_id=ray.get_runtime_context().get_node_id()))
         self._configure_logging(start)
         self._prewarm()
         connection = LocalRoomConnection(self._namespace, call_timeout=self._opts.control_call_timeout)
@@ -314,6 +333,15 @@ class JobActor:
 
     async def ping(self) -> bytes:
         return encode(Ack())
+
+    async def describe(self) -> bytes:
+        """Where the job stands, for a supervisor that restarted and lost reports meanwhile."""
+        runner = self._runner
+        if runner is None:
+            raise NotConnected("the job has not started")
+        return encode(JobDescription(
+            job_id=runner.job_id, shutting_down=runner.state in (RunnerState.SHUTTING_DOWN, RunnerState.DONE),
+            cause=runner.cause, reason=runner.reason, error=runner.first_error))
 
     @endpoint(RelayRequest)
     async def relay(self, request: RelayRequest) -> None:

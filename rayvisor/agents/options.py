@@ -67,6 +67,11 @@ class WorkerOptions:
     """Load at or above which a submit fails with ``AtCapacity`` (only with a ``load_fnc``)."""
     load_timeout: float = 1.0
     """Bound (seconds) on ``load_fnc``, which runs in a thread; no answer in time is ``AtCapacity``."""
+    allow_pending: bool = False
+    """When no ``rayvisor_slot`` is free, admit the job anyway and let it wait for a node (the
+    autoscaler's cue) instead of ``AtCapacity``; see ``pending_timeout``."""
+    pending_timeout: float = 300.0
+    """A pending job not placed within this many seconds is REJECTED, cause ``no_capacity``."""
     drain_timeout: float = 1800.0
     """``rayvisor start`` on SIGTERM, and ``client.drain()`` by default: how long running jobs
     may keep going before they are shut down (cause ``drained``)."""
@@ -137,7 +142,7 @@ class WorkerOptions:
             raise InvalidAgent(f"agent_name must be a string, got {type(self.agent_name).__name__}")
         for name in ("shutdown_process_timeout", "initialize_process_timeout", "control_call_timeout",
                      "room_poll_timeout", "participant_shutdown_timeout", "restart_window", "request_timeout",
-                     "load_timeout",
+                     "load_timeout", "pending_timeout",
                      "drain_timeout", "ping_interval", "ping_timeout", "memory_check_interval",
                      "memory_warn_interval", "pool_rate_window", "pool_backoff_initial", "pool_backoff_max"):
             value = getattr(self, name)

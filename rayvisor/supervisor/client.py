@@ -45,6 +45,9 @@ from .supervisor import SUPERVISOR_NAME, Supervisor
 logger = logging.getLogger("rayvisor.client")
 
 DEFAULT_CALL_TIMEOUT = 10.0
+RETRY_INITIAL_DELAY = 0.05
+RETRY_MAX_DELAY = 1.0
+"""Backoff between retries of an idempotent call while the supervisor restarts."""
 
 
 def ensure_ray(address: str | None, **init_kwargs: Any) -> None:
@@ -137,13 +140,28 @@ class Client:
             raise InternalError(f"the supervisor could not run the call: {err.cause or err}") from None
         return decode_reply(data, *reply)
 
-    def _call(self, method: str, request: Record, *reply: type[Record], timeout: float | None = None) -> Any:
-        return self._call_raw(getattr(self._handle, method).remote(encode(request)), *reply, timeout=timeout)
+    def _call(self, method: str, request: Record, *reply: type[Record], timeout: float | None = None,
+              retry: bool = True) -> Any:
+        """One call; while the supervisor restarts (``SupervisorUnavailable``) an idempotent
+        call is retried with backoff until its deadline, so clients ride over a failover."""
+        limit = timeout if timeout is not None else self.call_timeout
+        deadline = time.monotonic() + limit
+        delay = RETRY_INITIAL_DELAY
+        while True:
+            remaining = max(0.001, deadline - time.monotonic())
+            try:
+                return self._call_raw(getattr(self._handle, method).remote(encode(request)), *reply, timeout=remaining)
+            except SupervisorUnavailable:
+                if not retry or time.monotonic() + delay >= deadline:
+                    raise
+            time.sleep(delay)  # backoff between attempts to reach a restarting supervisor
+            delay = min(delay * 2, RETRY_MAX_DELAY)
 
     def submit(self, spec: JobSpec | None = None, **fields: Any) -> str:
         """Admit a job (``JobSpec`` or its fields as keywords); returns its id at once."""
         spec = spec if spec is not None else JobSpec(**fields)
-        return self._call("submit", spec, JobInfo).id
+        # Not retried: a submit that reached a supervisor which then died may have been admitted.
+        return self._call("submit", spec, JobInfo, retry=False).id
 
     def status(self, job_id: str) -> JobInfo:
         return self._call("status", JobIdRequest.build(job_id=job_id), JobInfo)
@@ -180,7 +198,7 @@ class Client:
         """Shut every job down through the protocol (new submits get ``Draining``), then remove
         the supervisor, the local rooms, and any job actor still alive after ``timeout``."""
         try:
-            self._call("stop", JobIdRequest(job_id=""), Ack, timeout=timeout)
+            self._call("stop", JobIdRequest(job_id=""), Ack, timeout=timeout, retry=False)
         except SupervisorUnavailable:
             pass  # already stopped (or dead): still clean up below
         finally:

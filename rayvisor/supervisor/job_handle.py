@@ -15,11 +15,13 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from ..actors.job_actor import JobActor
 from ..agents.options import WorkerOptions
-from ..messages import Ack, JobOutcome, JobStart, JobStarted, ShutdownRequest, decode, encode
+from ..messages import Ack, JobDescription, JobOutcome, JobStart, JobStarted, ShutdownRequest, decode, encode
 
 logger = logging.getLogger("rayvisor.supervisor")
 
 JOB_ACTOR_PREFIX = "rayvisor-job-"
+SLOT_RESOURCE = "rayvisor_slot"
+"""The custom resource a node advertises for each job it may run (cluster.yaml)."""
 
 
 class ActorGone(Exception):
@@ -38,11 +40,14 @@ class JobActorHandle:
         self.name = name
 
     @classmethod
-    def create(cls, *, name: str, opts: WorkerOptions, supervisor: Any, namespace: str) -> "JobActorHandle":
+    def create(cls, *, name: str, opts: WorkerOptions, supervisor: Any, namespace: str,
+               slot: bool = False) -> "JobActorHandle":
         """Ask Ray for a job actor: named (``rayvisor-job-...``) and detached, so it outlives
-        the supervisor."""
+        the supervisor; with ``slot`` it also takes one ``rayvisor_slot`` of its node."""
         assert name.startswith(JOB_ACTOR_PREFIX)
         custom = dict(opts.job_resources)
+        if slot:
+            custom[SLOT_RESOURCE] = custom.get(SLOT_RESOURCE, 0) + 1
         actor = JobActor.options(
             name=name,
             namespace=namespace,
@@ -64,6 +69,28 @@ class JobActorHandle:
         except RayTaskError as err:
             raise StartError(str(err.cause if err.cause is not None else err)) from err
         return decode(data, JobStarted)
+
+    @classmethod
+    def attach(cls, name: str, namespace: str) -> "JobActorHandle | None":
+        """The live job actor called ``name``, if there is one (supervisor recovery)."""
+        try:
+            return cls(ray.get_actor(name, namespace=namespace), name)
+        except ValueError:
+            return None
+
+    async def wait_placed(self, timeout: float) -> None:
+        """Until Ray has placed and created the actor (``asyncio.TimeoutError`` otherwise)."""
+        try:
+            await asyncio.wait_for(self._actor.ping.remote(), timeout)
+        except RayActorError as err:
+            raise ActorGone(str(err)) from err
+
+    async def describe(self, timeout: float) -> JobDescription:
+        try:
+            data = await asyncio.wait_for(self._actor.describe.remote(), timeout)
+        except RayActorError as err:
+            raise ActorGone(str(err)) from err
+        return decode(data, JobDescription)
 
     async def prewarm(self, timeout: float) -> None:
         """Run ``prewarm_fnc`` in the actor (a warm-pool actor waiting for a job)."""

@@ -7,6 +7,7 @@ import itertools
 import logging
 import time
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,8 +29,9 @@ logger = logging.getLogger("rayvisor.supervisor")
 ALLOWED_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     JobState.PENDING: frozenset({JobState.STARTING, JobState.SHUTTING_DOWN, JobState.REJECTED, JobState.FAILED}),
     # X -> STARTING is a restart (a new attempt on a new actor).
+    # STARTING -> REJECTED: a pending job no node took within pending_timeout (no_capacity).
     JobState.STARTING: frozenset({JobState.STARTING, JobState.RUNNING, JobState.SHUTTING_DOWN, JobState.FAILED,
-                                  JobState.KILLED}),
+                                  JobState.KILLED, JobState.REJECTED}),
     JobState.RUNNING: frozenset({JobState.STARTING, JobState.SHUTTING_DOWN, JobState.FAILED, JobState.KILLED}),
     # SHUTTING_DOWN -> REJECTED: shut down while request_fnc was still deciding, then rejected.
     JobState.SHUTTING_DOWN: frozenset({JobState.STARTING, JobState.SUCCEEDED, JobState.FAILED, JobState.KILLED,
@@ -85,6 +87,7 @@ class JobRecord:
     """Monotonic time at which a SHUTTING_DOWN job is killed."""
     actor: Any = None
     """The current attempt's ``JobActorHandle``."""
+    actor_name: str | None = None
     kill_end: AttemptEnd | None = None
     """Set when the supervisor killed the current attempt (deadline, unresponsive, memory)."""
     killed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -124,7 +127,11 @@ class JobTable:
     MAX_EVENTS_PER_REPLY = 1_000
     """Transitions returned by one ``events_after`` call; callers page with ``after_seq``."""
 
-    def __init__(self, *, finished_job_history: int, event_history: int) -> None:
+    def __init__(self, *, finished_job_history: int, event_history: int,
+                 on_change: Callable[[JobRecord], None] = lambda record: None,
+                 on_evict: Callable[[str], None] = lambda job_id: None) -> None:
+        self._on_change = on_change
+        self._on_evict = on_evict
         self._jobs: dict[str, JobRecord] = {}
         self._finished: OrderedDict[str, None] = OrderedDict()
         self._finished_limit = finished_job_history
@@ -136,6 +143,14 @@ class JobTable:
         self._jobs[record.id] = record
         record.timestamps[record.state.value] = now()
         self._record_event(record)
+        self._on_change(record)
+
+    def restore(self, record: JobRecord) -> None:
+        """Put back a record a previous supervisor wrote (no transition is recorded)."""
+        self._jobs[record.id] = record
+        if record.is_terminal:
+            record.finished.set()
+            self._finished[record.id] = None
 
     def get(self, job_id: str) -> JobRecord | None:
         return self._jobs.get(job_id)
@@ -172,6 +187,8 @@ class JobTable:
             while len(self._finished) > self._finished_limit:
                 old_id, _ = self._finished.popitem(last=False)
                 self._jobs.pop(old_id, None)
+                self._on_evict(old_id)
+        self._on_change(record)
 
     def _record_event(self, record: JobRecord) -> None:
         self._events.append(Transition(

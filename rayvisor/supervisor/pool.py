@@ -54,6 +54,11 @@ class WarmPool:
     def idle(self) -> int:
         return len(self._ready)
 
+    @property
+    def starting(self) -> int:
+        """Actors being created and prewarmed (each already holds its resources)."""
+        return self._starting
+
     def take(self) -> JobActorHandle | None:
         """A ready, prewarmed actor (or None: start a cold one); counts an arrival either way."""
         self._arrivals.append(time.monotonic())

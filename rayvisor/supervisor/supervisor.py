@@ -53,10 +53,11 @@ from ..messages import (
     now,
 )
 from ..rooms.local import evict_participant
-from .job_handle import JOB_ACTOR_PREFIX, ActorGone, JobActorHandle, StartError
+from .job_handle import JOB_ACTOR_PREFIX, SLOT_RESOURCE, ActorGone, JobActorHandle, StartError
 from .job_table import AttemptEnd, JobRecord, JobTable
 from .metrics import SupervisorMetrics
 from .pool import WarmPool
+from .store import JobSnapshot, SupervisorStore, monotonic_to_wall, wall_to_monotonic
 
 logger = logging.getLogger("rayvisor.supervisor")
 
@@ -64,10 +65,15 @@ SUPERVISOR_NAME = "rayvisor-supervisor"
 LIVE_BEFORE_SHUTDOWN = (JobState.PENDING, JobState.STARTING, JobState.RUNNING)
 EXPLICIT_ENDS = frozenset({Cause.USER_SHUTDOWN, Cause.ROOM_DELETED, Cause.SUPERVISOR_STOPPED, Cause.DRAINED})
 """Ends that no restart policy undoes."""
-ABNORMAL_ENDS = frozenset({Cause.ACTOR_CRASHED, Cause.ENTRYPOINT_ERROR, Cause.UNRESPONSIVE, Cause.MEMORY_LIMIT})
+ABNORMAL_ENDS = frozenset({Cause.ACTOR_CRASHED, Cause.ENTRYPOINT_ERROR, Cause.UNRESPONSIVE, Cause.MEMORY_LIMIT,
+                           Cause.NODE_LOST})
 """Ends after which a ``transient`` job is restarted."""
 PING_JITTER = 0.1
 """Pings are spread by +-10% of ``ping_interval`` so many jobs do not ping in lockstep."""
+
+
+_GONE = object()
+"""``resume`` value for a recovered job whose actor no longer exists."""
 
 
 def new_job_id() -> str:
@@ -87,12 +93,19 @@ class Supervisor:
         self._log_format = log_format
         self._worker_id = "RW_" + uuid.uuid4().hex[:12]
         self._metrics = SupervisorMetrics(self._worker_id)
-        self._table = JobTable(finished_job_history=opts.finished_job_history, event_history=opts.event_history)
+        self._store = SupervisorStore(namespace)
+        self._table = JobTable(finished_job_history=opts.finished_job_history, event_history=opts.event_history,
+                               on_change=self._persist, on_evict=self._store.delete_job)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._admitting = True
         self._refusal = ""
         self._drained_from: list[str] = []
-        self._agents[opts.agent_name] = opts  # serve() registers it again, with its warm pool
+        self._slots_seen = False
+        self._agents[opts.agent_name] = opts
+        # A restarted supervisor (Ray restarts it: max_restarts=-1) takes its jobs back.
+        for agent in self._store.agents():
+            self._agents[agent.agent_name] = agent
+        self._recover()
 
     # -- agents ----------------------------------------------------------------------
 
@@ -102,10 +115,14 @@ class Supervisor:
         if old is not None:
             old.close()
         self._agents[opts.agent_name] = opts
+        self._store.put_agent(opts)
+        self._start_pool(opts)
+        return encode(Ack())
+
+    def _start_pool(self, opts: WorkerOptions) -> None:
         if self._admitting and opts.num_idle_actors + opts.max_idle_actors > 0:
             self._pools[opts.agent_name] = WarmPool(opts, lambda: self._new_actor(opts, "idle-" + uuid.uuid4().hex[:12]),
                                                     self._metrics)
-        return encode(Ack())
 
     def _resolve_agent(self, name: str | None) -> WorkerOptions:
         if name is None:
@@ -119,7 +136,75 @@ class Supervisor:
 
     def _new_actor(self, opts: WorkerOptions, suffix: str) -> JobActorHandle:
         return JobActorHandle.create(name=JOB_ACTOR_PREFIX + suffix, opts=opts,
-                                     supervisor=ray.get_runtime_context().current_actor, namespace=self._namespace)
+                                     supervisor=ray.get_runtime_context().current_actor, namespace=self._namespace,
+                                     slot=self._slots_in_use())
+
+    def _slots_in_use(self) -> bool:
+        """Whether the cluster's nodes advertise ``rayvisor_slot`` (then every job actor takes
+        one). Sticky: once slots were seen, a moment with no slot node alive (every agent node
+        lost) makes jobs wait or be refused, never fall back onto the head."""
+        if not self._slots_seen:
+            self._slots_seen = ray.cluster_resources().get(SLOT_RESOURCE, 0) > 0
+        return self._slots_seen
+
+    # -- persistence and recovery -------------------------------------------------------
+
+    def _persist(self, record: JobRecord) -> None:
+        self._store.put_job(JobSnapshot(
+            info=record.info(), spec=record.spec, shutdown_budget=record.shutdown_budget,
+            restart_policy=record.restart_policy, attempt=record.attempt, actor_name=record.actor_name,
+            deadline_at=monotonic_to_wall(record.deadline), shutdown_trigger=record.shutdown_trigger,
+            restart_times=[monotonic_to_wall(t) for t in record.restart_times],
+            agent_identity=record.agent_identity, agent_participant_name=record.agent_participant_name,
+            agent_attributes=record.agent_attributes, agent_metadata=record.agent_metadata,
+        ))
+
+    def _recover(self) -> None:
+        """Rebuild the table from the snapshots a previous incarnation wrote, and go on
+        driving every live job whose actor is still there (its deadline included)."""
+        snapshots = self._store.jobs()
+        for snap in snapshots:
+            info = snap.info
+            record = JobRecord(
+                id=info.id, spec=snap.spec, agent_name=info.agent_name, shutdown_budget=snap.shutdown_budget,
+                state=info.state, cause=info.cause, reason=info.reason, error=info.error, pid=info.pid,
+                node_id=info.node_id, restarts=info.restarts, participants=list(info.participants),
+                participant_actors=list(info.participant_actors), timestamps=dict(info.timestamps),
+                restart_policy=snap.restart_policy, attempts=list(info.attempts), attempt=snap.attempt,
+                actor_name=snap.actor_name, deadline=wall_to_monotonic(snap.deadline_at),
+                shutdown_trigger=snap.shutdown_trigger, agent_identity=snap.agent_identity,
+                agent_participant_name=snap.agent_participant_name, agent_attributes=dict(snap.agent_attributes),
+                agent_metadata=snap.agent_metadata,
+            )
+            record.restart_times.extend(wall_to_monotonic(t) for t in snap.restart_times)
+            self._table.restore(record)
+            if record.is_terminal:
+                continue
+            if record.state == JobState.PENDING:  # request_fnc's answer was lost with the old process
+                self._table.transition(record, JobState.REJECTED, cause=Cause.REJECTED,
+                                       reason="the supervisor restarted before the job was admitted")
+                continue
+            opts = self._agents.get(record.agent_name, self._settings)
+            handle = JobActorHandle.attach(record.actor_name, self._namespace) if record.actor_name else None
+            logger.warning("recovering job %s (%s) after a supervisor restart", record.id, record.state.value,
+                           extra={"job_id": record.id, "room": record.spec.room})
+            supervised_task(self._run_job(record, opts, resume=handle or _GONE), name=f"job:{record.id}",
+                            logger=logger, tasks=self._tasks)
+            if record.state == JobState.SHUTTING_DOWN and record.deadline is not None:
+                supervised_task(self._enforce_deadline(record, record.attempt, record.shutdown_budget),
+                                name=f"deadline:{record.id}", logger=logger, tasks=self._tasks)
+        # Idle actors of the previous incarnation's warm pools are not anybody's job.
+        known = {r.actor_name for r in self._table.all()}
+        for actor in ray.util.list_named_actors(all_namespaces=True):
+            name = actor["name"]
+            if actor["namespace"] == self._namespace and name.startswith(JOB_ACTOR_PREFIX) and name not in known:
+                handle = JobActorHandle.attach(name, self._namespace)
+                if handle is not None:
+                    handle.kill()
+        self._metrics.active_jobs(len(self._table.live()))
+        if ray.get_runtime_context().was_current_actor_reconstructed:  # nobody will register agents again
+            for opts in self._agents.values():
+                self._start_pool(opts)
 
     # -- admission --------------------------------------------------------------------
 
@@ -176,21 +261,32 @@ class Supervisor:
         if load is not None and load >= settings.load_threshold:
             self._metrics.rejected("at_capacity")
             raise AtCapacity(f"load {load:.2f} is at or above load_threshold={settings.load_threshold}")
-        if opts.job_resources:
+        if opts.job_resources or self._slots_in_use():
             self._check_resources(opts, live)
 
     def _check_resources(self, opts: WorkerOptions, live: list[JobRecord]) -> None:
-        """Ray resources a job asks for must be free now, net of jobs admitted but not placed yet."""
-        available = ray.available_resources()
-        for record in live:
-            if record.pid is None:  # admitted, not placed: its resources are spoken for
-                for name, amount in self._agents.get(record.agent_name, self._settings).job_resources.items():
-                    available[name] = available.get(name, 0.0) - amount
-        short = {name: amount for name, amount in opts.job_resources.items() if available.get(name, 0.0) < amount}
+        """Slots are counted by the supervisor itself (Ray's view of free resources lags actor
+        creation by a moment, which would let a burst over-admit): every live job holds one,
+        and so does every warm-pool actor still starting (a job can take over an idle one).
+        Other ``job_resources`` must be free in Ray's view, net of jobs without an actor yet."""
+        short: dict[str, str] = {}
+        if self._slots_in_use():
+            total = ray.cluster_resources().get(SLOT_RESOURCE, 0.0)
+            held = len(live) + sum(pool.starting for pool in self._pools.values())
+            if total - held < 1 and not opts.allow_pending:
+                short[SLOT_RESOURCE] = f"{max(0.0, total - held):g} of {total:g} free"
+        if opts.job_resources:
+            available = ray.available_resources()
+            for record in live:
+                if record.actor is None:  # admitted, no actor asked for yet: its resources are spoken for
+                    for name, amount in self._agents.get(record.agent_name, self._settings).job_resources.items():
+                        available[name] = available.get(name, 0.0) - amount
+            for name, amount in opts.job_resources.items():
+                if available.get(name, 0.0) < amount:
+                    short[name] = f"{max(0.0, available.get(name, 0.0)):g} free, {amount:g} needed"
         if short:
             self._metrics.rejected("at_capacity")
-            raise AtCapacity(f"not enough free Ray resources for job_resources={opts.job_resources}: "
-                             f"free {({n: max(0.0, available.get(n, 0.0)) for n in short})}")
+            raise AtCapacity(f"not enough free Ray resources: {short}")
 
     async def _ask(self, opts: WorkerOptions, record: JobRecord) -> None:
         """Run ``request_fnc``; a rejection (or no answer in time) records REJECTED and raises."""
@@ -302,6 +398,7 @@ class Supervisor:
             self._begin_shutdown(record, Cause.SUPERVISOR_STOPPED, "supervisor stopping", notify_actor=True)
         if live:
             await asyncio.wait([asyncio.ensure_future(r.finished.wait()) for r in live])
+        self._store.clear()  # a stopped supervisor leaves nothing to recover
         return Ack()
 
     def _stop_admitting(self, why: str) -> list[JobRecord]:
@@ -362,13 +459,16 @@ class Supervisor:
             raise JobNotFound(f"no job {job_id!r} (unknown, or dropped from the finished-job history)")
         return record
 
-    async def _run_job(self, record: JobRecord, opts: WorkerOptions) -> None:
+    async def _run_job(self, record: JobRecord, opts: WorkerOptions, resume: Any = None) -> None:
         """Run attempts until one ends for good; whatever goes wrong, no job is left live
-        with nobody driving it."""
+        with nobody driving it. ``resume``: the live actor of a recovered job (or ``_GONE``)."""
         try:
             while True:
                 began = now()
-                end = await self._run_attempt(record, opts)
+                if resume is not None:
+                    end, resume = await self._resume_attempt(record, resume, opts), None
+                else:
+                    end = await self._run_attempt(record, opts)
                 record.attempts.append(AttemptInfo(
                     attempt=record.attempt, state=end.state, cause=end.cause, error=end.error,
                     pid=record.pid, node_id=record.node_id, started_at=began, ended_at=now()))
@@ -413,11 +513,19 @@ class Supervisor:
         pooled = pool.take() if pool is not None and self._admitting else None
         while True:
             handle = pooled or self._new_actor(opts, record.id + (f"-{record.attempt}" if record.attempt > 1 else ""))
-            record.actor = handle
+            record.actor, record.actor_name = handle, handle.name
+            self._persist(record)
             if record.state == JobState.SHUTTING_DOWN:  # shut down before it started: no entrypoint runs
                 handle.request_shutdown(ShutdownRequest(cause=record.cause or Cause.USER_SHUTDOWN,
                                                         reason=record.reason))
             try:
+                if pooled is None and opts.allow_pending:
+                    try:
+                        await handle.wait_placed(opts.pending_timeout)
+                    except asyncio.TimeoutError:
+                        handle.kill()
+                        return AttemptEnd(JobState.REJECTED, Cause.NO_CAPACITY, error=(
+                            f"no node could take the job within pending_timeout={opts.pending_timeout}s"))
                 started = await handle.start(start, opts.initialize_process_timeout)
                 break
             except (ActorGone, StartError, asyncio.TimeoutError) as err:
@@ -434,6 +542,45 @@ class Supervisor:
         if record.state == JobState.STARTING:
             self._table.transition(record, JobState.RUNNING)
             self._metrics.job_started(time.monotonic() - record.attempt_began)
+        return await self._follow_attempt(record, handle, opts)
+
+    async def _resume_attempt(self, record: JobRecord, handle: Any, opts: WorkerOptions) -> AttemptEnd:
+        """Take back the attempt a previous supervisor was driving."""
+        if handle is _GONE:
+            cause = Cause.NODE_LOST if record.node_id and not self._node_alive(record.node_id) else Cause.ACTOR_CRASHED
+            return AttemptEnd(JobState.FAILED, cause, error="the job's actor was gone after a supervisor restart")
+        record.actor = handle
+        try:
+            if record.pid is None:  # its start may not have completed: start is idempotent
+                start = JobStart(
+                    job_id=record.id, room=record.spec.room, metadata=record.spec.metadata, agent_name=opts.agent_name,
+                    dispatch_id=record.spec.dispatch_id, worker_id=self._worker_id, identity=record.identity,
+                    attempt=record.attempt, name=record.agent_participant_name, attributes=record.agent_attributes,
+                    participant_metadata=record.agent_metadata, log_format=self._log_format)
+                started = await handle.start(start, opts.initialize_process_timeout)
+                record.pid, record.node_id = started.pid, started.node_id
+            handle.run()
+            if record.state == JobState.STARTING:
+                self._table.transition(record, JobState.RUNNING)
+            # Reports sent while no supervisor was there are lost: ask where the job stands.
+            described = await handle.describe(opts.control_call_timeout)
+            if described.shutting_down and record.state == JobState.RUNNING and described.cause is not None:
+                self._begin_shutdown(record, described.cause, described.reason, error=described.error,
+                                     notify_actor=False)
+        except ActorGone as err:
+            handle.kill()
+            cause = Cause.NODE_LOST if record.node_id and not self._node_alive(record.node_id) else Cause.ACTOR_CRASHED
+            return AttemptEnd(JobState.FAILED, cause, error=str(err))
+        except (asyncio.TimeoutError, StartError) as err:
+            logger.warning("recovered job %s did not describe itself (%r); pings will judge it", record.id, err)
+        return await self._follow_attempt(record, handle, opts)
+
+    @staticmethod
+    def _node_alive(node_id: str) -> bool:
+        return any(node["NodeID"] == node_id and node["Alive"] for node in ray.nodes())
+
+    async def _follow_attempt(self, record: JobRecord, handle: Any, opts: WorkerOptions) -> AttemptEnd:
+        """From RUNNING to the attempt's end: its outcome, its death, or a supervisor kill."""
         health = supervised_task(self._watch_health(record, handle, opts), name=f"health:{record.id}",
                                  logger=logger, tasks=self._tasks)
         done = asyncio.ensure_future(handle.wait_done())
@@ -450,7 +597,8 @@ class Supervisor:
         try:
             outcome = done.result()
         except ActorGone as err:
-            return AttemptEnd(JobState.FAILED, Cause.ACTOR_CRASHED, error=str(err))
+            lost = record.node_id is not None and not self._node_alive(record.node_id)
+            return AttemptEnd(JobState.FAILED, Cause.NODE_LOST if lost else Cause.ACTOR_CRASHED, error=str(err))
         record.participant_actors = list(outcome.participant_actors)
         cause = record.shutdown_trigger or outcome.cause
         state = outcome.state
@@ -462,6 +610,8 @@ class Supervisor:
         """None: the job ends here. ``RESTART_LIMIT``: it would restart but may not.
         Anything else: restart (the value is the cause of the restart)."""
         policy = record.restart_policy
+        if end.state == JobState.REJECTED:
+            return None
         explicit = end.cause in EXPLICIT_ENDS or record.shutdown_trigger in EXPLICIT_ENDS
         if policy is RestartPolicy.TEMPORARY or explicit or not self._admitting:
             return None
