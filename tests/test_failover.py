@@ -90,3 +90,14 @@ def test_a_job_whose_actor_died_while_the_supervisor_was_down_is_recorded(serve,
     client = rayvisor.connect(namespace=namespace)
     info = client.wait(job_id, timeout=30)
     assert (info.state, info.cause) == (JobState.FAILED, Cause.ACTOR_CRASHED)
+
+
+def test_a_new_supervisor_does_not_take_over_what_a_removed_one_left_behind(serve, rooms, namespace):
+    client = serve(echo_or_hang)
+    job_id, _user, job_pid = start_job(client, rooms, "left-behind")
+
+    ray.kill(ray.get_actor(SUPERVISOR_NAME, namespace=namespace), no_restart=True)  # removed, not stopped
+    fresh = serve(echo_or_hang)
+
+    assert fresh.list() == []
+    wait_until(lambda: not process_alive(job_pid), timeout=10)  # its orphaned job actor is reaped

@@ -140,7 +140,7 @@ class Client:
             raise InternalError(f"the supervisor could not run the call: {err.cause or err}") from None
         return decode_reply(data, *reply)
 
-    def _call(self, method: str, request: Record, *reply: type[Record], timeout: float | None = None,
+    def _call(self, method: str, request: Record | Any, *reply: type[Record], timeout: float | None = None,
               retry: bool = True) -> Any:
         """One call; while the supervisor restarts (``SupervisorUnavailable``) an idempotent
         call is retried with backoff until its deadline, so clients ride over a failover."""
@@ -149,8 +149,9 @@ class Client:
         delay = RETRY_INITIAL_DELAY
         while True:
             remaining = max(0.001, deadline - time.monotonic())
+            message = request(remaining) if callable(request) else request  # a request that carries its own wait
             try:
-                return self._call_raw(getattr(self._handle, method).remote(encode(request)), *reply, timeout=remaining)
+                return self._call_raw(getattr(self._handle, method).remote(encode(message)), *reply, timeout=remaining)
             except SupervisorUnavailable:
                 if not retry or time.monotonic() + delay >= deadline:
                     raise
@@ -175,8 +176,11 @@ class Client:
 
     def wait(self, job_id: str, timeout: float = 60.0) -> JobInfo:
         """The job's terminal ``JobInfo``; ``WaitTimeout`` if it is still live after ``timeout``."""
-        return self._call("wait", WaitRequest.build(job_id=job_id, timeout=timeout), JobInfo,
-                          timeout=timeout + self.call_timeout)
+        WaitRequest.build(job_id=job_id, timeout=timeout)  # validate once, before any call
+        # Each retry asks the supervisor to wait only for what is left of the caller's timeout.
+        return self._call("wait", lambda remaining: WaitRequest(
+            job_id=job_id, timeout=max(0.0, remaining - self.call_timeout)), JobInfo,
+            timeout=timeout + self.call_timeout)
 
     def events(self, after_seq: int = -1, timeout: float = 0.0) -> list[Transition]:
         """State transitions after ``after_seq`` (waits up to ``timeout`` for the next)."""

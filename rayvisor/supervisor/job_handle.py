@@ -78,6 +78,17 @@ class JobActorHandle:
         except ValueError:
             return None
 
+    def node_id(self) -> str | None:
+        """The node Ray placed the actor on, from Ray's actor table (None if never placed)."""
+        try:
+            import ray._private.state as ray_state
+
+            info = ray_state.actors(self._actor._actor_id.hex())
+            node = (info.get("Address") or {}).get("NodeID")
+            return node or None
+        except Exception:
+            return None
+
     async def wait_placed(self, timeout: float) -> None:
         """Until Ray has placed and created the actor (``asyncio.TimeoutError`` otherwise)."""
         try:

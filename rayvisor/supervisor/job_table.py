@@ -151,6 +151,10 @@ class JobTable:
         if record.is_terminal:
             record.finished.set()
             self._finished[record.id] = None
+            while len(self._finished) > self._finished_limit:  # restored oldest first
+                old_id, _ = self._finished.popitem(last=False)
+                self._jobs.pop(old_id, None)
+                self._on_evict(old_id)
 
     def get(self, job_id: str) -> JobRecord | None:
         return self._jobs.get(job_id)

@@ -102,10 +102,14 @@ class Supervisor:
         self._drained_from: list[str] = []
         self._slots_seen = False
         self._agents[opts.agent_name] = opts
-        # A restarted supervisor (Ray restarts it: max_restarts=-1) takes its jobs back.
-        for agent in self._store.agents():
-            self._agents[agent.agent_name] = agent
-        self._recover()
+        if ray.get_runtime_context().was_current_actor_reconstructed:
+            # Ray restarted us (max_restarts=-1): take the jobs of the previous incarnation back.
+            for agent in self._store.agents():
+                self._agents[agent.agent_name] = agent
+            self._recover()
+        else:  # a new supervisor: whatever an earlier one left in this namespace is not ours
+            self._store.clear()
+            self._kill_strays(keep=set())
 
     # -- agents ----------------------------------------------------------------------
 
@@ -160,51 +164,65 @@ class Supervisor:
         ))
 
     def _recover(self) -> None:
-        """Rebuild the table from the snapshots a previous incarnation wrote, and go on
+        """Rebuild the table from the snapshots the previous incarnation wrote, and go on
         driving every live job whose actor is still there (its deadline included)."""
-        snapshots = self._store.jobs()
+        snapshots = sorted(self._store.jobs(), key=lambda snap: max(snap.info.timestamps.values(), default=0.0))
         for snap in snapshots:
-            info = snap.info
-            record = JobRecord(
-                id=info.id, spec=snap.spec, agent_name=info.agent_name, shutdown_budget=snap.shutdown_budget,
-                state=info.state, cause=info.cause, reason=info.reason, error=info.error, pid=info.pid,
-                node_id=info.node_id, restarts=info.restarts, participants=list(info.participants),
-                participant_actors=list(info.participant_actors), timestamps=dict(info.timestamps),
-                restart_policy=snap.restart_policy, attempts=list(info.attempts), attempt=snap.attempt,
-                actor_name=snap.actor_name, deadline=wall_to_monotonic(snap.deadline_at),
-                shutdown_trigger=snap.shutdown_trigger, agent_identity=snap.agent_identity,
-                agent_participant_name=snap.agent_participant_name, agent_attributes=dict(snap.agent_attributes),
-                agent_metadata=snap.agent_metadata,
-            )
-            record.restart_times.extend(wall_to_monotonic(t) for t in snap.restart_times)
-            self._table.restore(record)
-            if record.is_terminal:
-                continue
-            if record.state == JobState.PENDING:  # request_fnc's answer was lost with the old process
-                self._table.transition(record, JobState.REJECTED, cause=Cause.REJECTED,
-                                       reason="the supervisor restarted before the job was admitted")
-                continue
-            opts = self._agents.get(record.agent_name, self._settings)
-            handle = JobActorHandle.attach(record.actor_name, self._namespace) if record.actor_name else None
-            logger.warning("recovering job %s (%s) after a supervisor restart", record.id, record.state.value,
-                           extra={"job_id": record.id, "room": record.spec.room})
-            supervised_task(self._run_job(record, opts, resume=handle or _GONE), name=f"job:{record.id}",
-                            logger=logger, tasks=self._tasks)
-            if record.state == JobState.SHUTTING_DOWN and record.deadline is not None:
-                supervised_task(self._enforce_deadline(record, record.attempt, record.shutdown_budget),
-                                name=f"deadline:{record.id}", logger=logger, tasks=self._tasks)
-        # Idle actors of the previous incarnation's warm pools are not anybody's job.
-        known = {r.actor_name for r in self._table.all()}
+            try:
+                self._recover_job(snap)
+            except Exception:  # one bad record must not crash-loop the supervisor
+                logger.exception("cannot recover job %s", snap.info.id)
+        self._kill_strays(keep={r.actor_name for r in self._table.live() if r.actor_name})
+        self._metrics.active_jobs(len(self._table.live()))
+        for opts in self._agents.values():
+            self._start_pool(opts)
+
+    def _kill_strays(self, keep: set[str]) -> None:
+        """Kill the namespace's job actors that are nobody's job (idle actors of an earlier
+        incarnation, leftovers of a supervisor that was removed without stopping its jobs)."""
         for actor in ray.util.list_named_actors(all_namespaces=True):
             name = actor["name"]
-            if actor["namespace"] == self._namespace and name.startswith(JOB_ACTOR_PREFIX) and name not in known:
+            if actor["namespace"] == self._namespace and name.startswith(JOB_ACTOR_PREFIX) and name not in keep:
                 handle = JobActorHandle.attach(name, self._namespace)
                 if handle is not None:
                     handle.kill()
-        self._metrics.active_jobs(len(self._table.live()))
-        if ray.get_runtime_context().was_current_actor_reconstructed:  # nobody will register agents again
-            for opts in self._agents.values():
-                self._start_pool(opts)
+
+    def _recover_job(self, snap: JobSnapshot) -> None:
+        info = snap.info
+        record = JobRecord(
+            id=info.id, spec=snap.spec, agent_name=info.agent_name, shutdown_budget=snap.shutdown_budget,
+            state=info.state, cause=info.cause, reason=info.reason, error=info.error, pid=info.pid,
+            node_id=info.node_id, restarts=info.restarts, participants=list(info.participants),
+            participant_actors=list(info.participant_actors), timestamps=dict(info.timestamps),
+            restart_policy=snap.restart_policy, attempts=list(info.attempts), attempt=snap.attempt,
+            actor_name=snap.actor_name, deadline=wall_to_monotonic(snap.deadline_at),
+            shutdown_trigger=snap.shutdown_trigger, agent_identity=snap.agent_identity,
+            agent_participant_name=snap.agent_participant_name, agent_attributes=dict(snap.agent_attributes),
+            agent_metadata=snap.agent_metadata,
+        )
+        record.restart_times.extend(wall_to_monotonic(t) for t in snap.restart_times)
+        self._table.restore(record)
+        if record.is_terminal:
+            return
+        if record.state == JobState.PENDING:  # request_fnc's answer was lost with the old process
+            self._table.transition(record, JobState.REJECTED, cause=Cause.REJECTED,
+                                   reason="the supervisor restarted before the job was admitted")
+            return
+        opts = self._agents.get(record.agent_name)
+        handle = JobActorHandle.attach(record.actor_name, self._namespace) if record.actor_name else None
+        if opts is None:  # its agent could not be loaded: do not run it with another agent's options
+            if handle is not None:
+                handle.kill()
+            self._table.transition(record, JobState.FAILED, cause=Cause.START_FAILED,
+                                   error=f"agent {record.agent_name!r} could not be recovered")
+            return
+        logger.warning("recovering job %s (%s) after a supervisor restart", record.id, record.state.value,
+                       extra={"job_id": record.id, "room": record.spec.room})
+        supervised_task(self._run_job(record, opts, resume=handle or _GONE), name=f"job:{record.id}",
+                        logger=logger, tasks=self._tasks)
+        if record.state == JobState.SHUTTING_DOWN and record.deadline is not None:
+            supervised_task(self._enforce_deadline(record, record.attempt, record.shutdown_budget),
+                            name=f"deadline:{record.id}", logger=logger, tasks=self._tasks)
 
     # -- admission --------------------------------------------------------------------
 
@@ -272,7 +290,10 @@ class Supervisor:
         short: dict[str, str] = {}
         if self._slots_in_use():
             total = ray.cluster_resources().get(SLOT_RESOURCE, 0.0)
-            held = len(live) + sum(pool.starting for pool in self._pools.values())
+            held = len(live) + sum(pool.starting + pool.idle for pool in self._pools.values())
+            own = self._pools.get(opts.agent_name)
+            if own is not None and own.idle:
+                held -= 1  # this job will take over one of its agent's idle actors, and its slot
             if total - held < 1 and not opts.allow_pending:
                 short[SLOT_RESOURCE] = f"{max(0.0, total - held):g} of {total:g} free"
         if opts.job_resources:
@@ -427,6 +448,7 @@ class Supervisor:
             record.participants_version = report.version
             record.participants = list(report.identities)
             record.participant_actors = list(report.actors)
+            self._persist(record)
 
     @endpoint(MemoryReport)
     async def report_memory(self, report: MemoryReport) -> None:
@@ -535,6 +557,12 @@ class Supervisor:
                 if pooled is not None and isinstance(err, ActorGone):
                     pooled = None  # an idle actor that died while waiting: try a cold one
                     continue
+                if isinstance(err, ActorGone) and record.node_id is None:
+                    placed_on = handle.node_id()
+                    if placed_on is not None:
+                        record.node_id = placed_on
+                        if await self._death_cause(record) is Cause.NODE_LOST:
+                            return AttemptEnd(JobState.FAILED, Cause.NODE_LOST, error=str(err))
                 detail = str(err) or f"did not start within initialize_process_timeout={opts.initialize_process_timeout}s"
                 return AttemptEnd(JobState.FAILED, Cause.START_FAILED, error=detail)
         record.pid, record.node_id = started.pid, started.node_id
@@ -542,13 +570,15 @@ class Supervisor:
         if record.state == JobState.STARTING:
             self._table.transition(record, JobState.RUNNING)
             self._metrics.job_started(time.monotonic() - record.attempt_began)
+        else:
+            self._persist(record)  # no transition follows: keep pid and node in the snapshot
         return await self._follow_attempt(record, handle, opts)
 
     async def _resume_attempt(self, record: JobRecord, handle: Any, opts: WorkerOptions) -> AttemptEnd:
         """Take back the attempt a previous supervisor was driving."""
         if handle is _GONE:
-            cause = Cause.NODE_LOST if record.node_id and not self._node_alive(record.node_id) else Cause.ACTOR_CRASHED
-            return AttemptEnd(JobState.FAILED, cause, error="the job's actor was gone after a supervisor restart")
+            return AttemptEnd(JobState.FAILED, await self._death_cause(record),
+                              error="the job's actor was gone after a supervisor restart")
         record.actor = handle
         try:
             if record.pid is None:  # its start may not have completed: start is idempotent
@@ -562,22 +592,41 @@ class Supervisor:
             handle.run()
             if record.state == JobState.STARTING:
                 self._table.transition(record, JobState.RUNNING)
+            self._persist(record)
+        except (ActorGone, StartError, asyncio.TimeoutError) as err:
+            handle.kill()
+            if record.kill_end is not None:
+                return record.kill_end
+            if isinstance(err, ActorGone):
+                return AttemptEnd(JobState.FAILED, await self._death_cause(record), error=str(err))
+            return AttemptEnd(JobState.FAILED, Cause.START_FAILED, error=str(err) or "did not start after recovery")
+        try:
             # Reports sent while no supervisor was there are lost: ask where the job stands.
             described = await handle.describe(opts.control_call_timeout)
             if described.shutting_down and record.state == JobState.RUNNING and described.cause is not None:
                 self._begin_shutdown(record, described.cause, described.reason, error=described.error,
                                      notify_actor=False)
-        except ActorGone as err:
-            handle.kill()
-            cause = Cause.NODE_LOST if record.node_id and not self._node_alive(record.node_id) else Cause.ACTOR_CRASHED
-            return AttemptEnd(JobState.FAILED, cause, error=str(err))
-        except (asyncio.TimeoutError, StartError) as err:
-            logger.warning("recovered job %s did not describe itself (%r); pings will judge it", record.id, err)
+            elif not described.shutting_down and record.state == JobState.SHUTTING_DOWN:
+                # The request may have been lost with the old process: ask again (idempotent).
+                handle.request_shutdown(ShutdownRequest(cause=record.shutdown_trigger or Cause.USER_SHUTDOWN,
+                                                        reason=record.reason))
+        except ActorGone:
+            pass  # the attempt's own wait (below) records it
+        except asyncio.TimeoutError:
+            logger.warning("recovered job %s did not describe itself; pings and deadlines will judge it", record.id)
         return await self._follow_attempt(record, handle, opts)
 
-    @staticmethod
-    def _node_alive(node_id: str) -> bool:
-        return any(node["NodeID"] == node_id and node["Alive"] for node in ray.nodes())
+    async def _death_cause(self, record: JobRecord) -> Cause:
+        """``node_lost`` when the attempt's node is dead, else ``actor_crashed``. The GCS query
+        runs in a thread: a dead actor must not stall the supervisor's loop."""
+        node_id = record.node_id
+        if node_id is None:
+            return Cause.ACTOR_CRASHED
+
+        def node_alive() -> bool:
+            return any(node["NodeID"] == node_id and node["Alive"] for node in ray.nodes())
+
+        return Cause.ACTOR_CRASHED if await asyncio.to_thread(node_alive) else Cause.NODE_LOST
 
     async def _follow_attempt(self, record: JobRecord, handle: Any, opts: WorkerOptions) -> AttemptEnd:
         """From RUNNING to the attempt's end: its outcome, its death, or a supervisor kill."""
@@ -597,8 +646,7 @@ class Supervisor:
         try:
             outcome = done.result()
         except ActorGone as err:
-            lost = record.node_id is not None and not self._node_alive(record.node_id)
-            return AttemptEnd(JobState.FAILED, Cause.NODE_LOST if lost else Cause.ACTOR_CRASHED, error=str(err))
+            return AttemptEnd(JobState.FAILED, await self._death_cause(record), error=str(err))
         record.participant_actors = list(outcome.participant_actors)
         cause = record.shutdown_trigger or outcome.cause
         state = outcome.state
@@ -633,6 +681,7 @@ class Supervisor:
         record.restart_times.append(time.monotonic())
         record.deadline = record.shutdown_trigger = record.shutdown_began = record.rss_mb = None
         record.cause, record.reason, record.error, record.pid = None, "", None, None
+        record.node_id = record.actor_name = None
         record.participants, record.participant_actors, record.participants_version = [], [], 0
         self._metrics.restarted(end.cause.value)
         logger.warning("restarting job %s after %s (restart %d)", record.id, end.cause.value, record.restarts,
