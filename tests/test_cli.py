@@ -104,6 +104,24 @@ def test_run_app_gives_an_agent_file_the_cli(serve, namespace, rooms):
     assert "dev" in CliRunner().invoke(build_cli(opts), ["--help"]).output
 
 
+def serve_in_subprocess(mode: str, agent, namespace: str):
+    """``rayvisor dev|start AGENT`` in its own process, attached to the test session's Ray;
+    returns the process and a client once its supervisor answers."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rayvisor.cli", mode, str(agent), "--address",
+         ray.get_runtime_context().gcs_address, "--namespace", namespace],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+    def supervisor_up():
+        try:
+            return rayvisor.connect(namespace=namespace)
+        except SupervisorNotFound:
+            return None
+
+    return proc, wait_until(supervisor_up, timeout=60, interval=0.1)
+
+
 def test_dev_serves_an_agent_file_prints_the_lifecycle_and_stops_cleanly_on_ctrl_c(tmp_path, namespace, rooms):
     agent = tmp_path / "my_agent.py"
     agent.write_text(textwrap.dedent('''
@@ -116,19 +134,8 @@ def test_dev_serves_an_agent_file_prints_the_lifecycle_and_stops_cleanly_on_ctrl
         if __name__ == "__main__":
             cli.run_app(WorkerOptions(entrypoint_fnc=entrypoint))
     '''))
-    address = ray.get_runtime_context().gcs_address
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "rayvisor.cli", "dev", str(agent), "--address", address, "--namespace", namespace],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
+    proc, client = serve_in_subprocess("dev", agent, namespace)
     try:
-        def supervisor_up():
-            try:
-                return rayvisor.connect(namespace=namespace)
-            except SupervisorNotFound:
-                return None
-
-        client = wait_until(supervisor_up, timeout=60, interval=0.1)
         user = rooms.join("dev-room", "user")
         job_id = client.submit(room="dev-room")
         assert user.wait_for_messages(1, topic="hello", timeout=20)[0][2] == "hi from dev"
@@ -168,19 +175,8 @@ def test_sigterm_drains_a_served_agent_and_a_second_one_is_not_needed(tmp_path, 
 
         opts = WorkerOptions(entrypoint_fnc=entrypoint, drain_timeout=0.5, num_idle_actors=0, max_idle_actors=0)
     '''))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "rayvisor.cli", "start", str(agent), "--address",
-         ray.get_runtime_context().gcs_address, "--namespace", namespace],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
+    proc, client = serve_in_subprocess("start", agent, namespace)
     try:
-        def supervisor_up():
-            try:
-                return rayvisor.connect(namespace=namespace)
-            except SupervisorNotFound:
-                return None
-
-        client = wait_until(supervisor_up, timeout=60, interval=0.1)
         user = rooms.join("drained-room", "user")
         job_id = client.submit(room="drained-room")
         user.wait_for_messages(1, topic="hello", timeout=20)

@@ -55,48 +55,17 @@ class JobProcess:
         self.pid = os.getpid()
 
 
-class JobContext:
-    """The entrypoint's view of its job: ``ctx.room``, ``ctx.job``, ``ctx.connect()``, ...
+class BaseContext:
+    """What the job's context and a participant actor's context share: the job, the room,
+    the process, the worker id, log fields and shutdown callbacks."""
 
-    Built by the job actor; ``request_shutdown`` is the actor's hook that starts the
-    shutdown protocol (it runs the shutdown callbacks registered here).
-    """
-
-    def __init__(
-        self,
-        *,
-        job: agent_proto.Job,
-        proc: JobProcess,
-        worker_id: str,
-        identity: str,
-        connection: RoomConnection,
-        request_shutdown: ShutdownHook,
-        room_poll_timeout: float,
-        on_participant_entrypoint: Callable[[ParticipantEntrypoint], None] = lambda entry: None,
-        participant_name: str = "",
-        participant_attributes: dict[str, str] | None = None,
-        participant_metadata: str = "",
-    ) -> None:
-        self._participant_name = participant_name
-        self._participant_attributes = dict(participant_attributes or {})
-        self._participant_metadata = participant_metadata
+    def __init__(self, *, job: agent_proto.Job, room: Room, proc: JobProcess, worker_id: str) -> None:
         self._job = job
+        self._room = room
         self._proc = proc
         self._worker_id = worker_id
-        self._identity = identity
-        self._connection = connection
-        self._request_shutdown = request_shutdown
-        self._room_poll_timeout = room_poll_timeout
-        self._room = Room(job.room.name)
         self._shutdown_callbacks: list[ShutdownCallback] = []
         self._log_context_fields: dict[str, Any] = {}
-        self._auto_subscribe = AutoSubscribe.SUBSCRIBE_ALL
-        self._participant_waiters: list[tuple[asyncio.Future[RemoteParticipant], Callable[[RemoteParticipant], bool]]] = []
-        self._participant_entrypoints: list[ParticipantEntrypoint] = []
-        self._on_participant_entrypoint = on_participant_entrypoint
-        self._room.on("participant_connected", self._on_participant_connected)
-
-    # -- what the entrypoint reads ----------------------------------------------------
 
     @property
     def job(self) -> agent_proto.Job:
@@ -134,6 +103,49 @@ class JobContext:
     @property
     def shutdown_callbacks(self) -> list[ShutdownCallback]:
         return list(self._shutdown_callbacks)
+
+    def add_shutdown_callback(self, callback: ShutdownCallback) -> None:
+        """Run ``callback()`` or ``callback(reason)`` once, when this context shuts down."""
+        if not callable(callback):
+            raise InvalidAgent(f"shutdown callback must be callable, got {callback!r}")
+        self._shutdown_callbacks.append(callback)
+
+
+class JobContext(BaseContext):
+    """The entrypoint's view of its job: ``ctx.room``, ``ctx.job``, ``ctx.connect()``, ...
+
+    Built by the job actor; ``request_shutdown`` is the actor's hook that starts the
+    shutdown protocol (it runs the shutdown callbacks registered here).
+    """
+
+    def __init__(
+        self,
+        *,
+        job: agent_proto.Job,
+        proc: JobProcess,
+        worker_id: str,
+        identity: str,
+        connection: RoomConnection,
+        request_shutdown: ShutdownHook,
+        room_poll_timeout: float,
+        on_participant_entrypoint: Callable[[ParticipantEntrypoint], None] = lambda entry: None,
+        participant_name: str = "",
+        participant_attributes: dict[str, str] | None = None,
+        participant_metadata: str = "",
+    ) -> None:
+        super().__init__(job=job, room=Room(job.room.name), proc=proc, worker_id=worker_id)
+        self._participant_name = participant_name
+        self._participant_attributes = dict(participant_attributes or {})
+        self._participant_metadata = participant_metadata
+        self._identity = identity
+        self._connection = connection
+        self._request_shutdown = request_shutdown
+        self._room_poll_timeout = room_poll_timeout
+        self._auto_subscribe = AutoSubscribe.SUBSCRIBE_ALL
+        self._participant_waiters: list[tuple[asyncio.Future[RemoteParticipant], Callable[[RemoteParticipant], bool]]] = []
+        self._participant_entrypoints: list[ParticipantEntrypoint] = []
+        self._on_participant_entrypoint = on_participant_entrypoint
+        self._room.on("participant_connected", self._on_participant_connected)
 
     # -- what the entrypoint does -------------------------------------------------
 
@@ -199,12 +211,6 @@ class JobContext:
     @property
     def participant_entrypoints(self) -> list[ParticipantEntrypoint]:
         return list(self._participant_entrypoints)
-
-    def add_shutdown_callback(self, callback: ShutdownCallback) -> None:
-        """Run ``callback()`` or ``callback(reason)`` once, when the job shuts down."""
-        if not callable(callback):
-            raise InvalidAgent(f"shutdown callback must be callable, got {callback!r}")
-        self._shutdown_callbacks.append(callback)
 
     def shutdown(self, reason: str = "") -> None:
         """End the job: the shutdown protocol starts in its own task, once."""
