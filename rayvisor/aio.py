@@ -36,10 +36,3 @@ def supervised_task(
     task.add_done_callback(_done)
     return task
 
-
-async def cancel_and_wait(tasks: set[asyncio.Task[Any]]) -> None:
-    """Cancel background tasks and wait for them to finish (they must not swallow cancellation)."""
-    for task in list(tasks):
-        task.cancel()
-    if tasks:
-        await asyncio.gather(*tasks, return_exceptions=True)

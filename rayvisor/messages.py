@@ -258,8 +258,8 @@ class MemoryReport(Record):
 
 
 @register
-class JobStarted(Record):
-    """Job actor -> supervisor: the entrypoint is running in this process."""
+class ActorStarted(Record):
+    """A job or participant actor -> its caller: the work is set up in this process."""
 
     pid: int
     node_id: str

@@ -29,7 +29,7 @@ from ..messages import (
     JobOutcome,
     JobStart,
     JobDescription,
-    JobStarted,
+    ActorStarted,
     JobState,
     MemoryReport,
     ParticipantsChanged,
@@ -289,7 +289,7 @@ class JobActor:
         """
         start = decode(data, JobStart)
         if self._runner is not None:  # a restarted supervisor asking again: same answer
-            return encode(JobStarted(pid=os.getpid(), node_id=ray.get_runtime_context().get_node_id()))
+            return encode(ActorStarted(pid=os.getpid(), node_id=ray.get_runtime_context().get_node_id()))
         self._configure_logging(start)
         self._prewarm()
         connection = LocalRoomConnection(self._namespace, call_timeout=self._opts.control_call_timeout)
@@ -305,7 +305,7 @@ class JobActor:
         self._memory.start()
         if self._early_shutdown is not None:
             self._runner.request_shutdown(self._early_shutdown.cause, self._early_shutdown.reason, from_supervisor=True)
-        return encode(JobStarted(pid=os.getpid(), node_id=ray.get_runtime_context().get_node_id()))
+        return encode(ActorStarted(pid=os.getpid(), node_id=ray.get_runtime_context().get_node_id()))
 
     async def run(self) -> bytes:
         """Start the entrypoint (a no-op if the job is already shutting down)."""

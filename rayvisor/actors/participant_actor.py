@@ -18,11 +18,11 @@ import ray
 from ..agents.job import JobProcess, make_job
 from ..agents.participant import ParticipantContext
 from ..agents.room import RemoteParticipant, Room
-from ..messages import Ack, ParticipantActorState, ParticipantCause, decode, encode
+from ..messages import Ack, ActorStarted, ParticipantActorState, ParticipantCause, decode, encode
 from ..rooms.records import EventDelivery
 from ..rooms.relay import RelayConnection
 from .lifecycle import cancel_and_wait, describe_exception, join_errors, run_shutdown_callbacks
-from .records import ParticipantOutcome, ParticipantStart, ParticipantStarted, ParticipantStop
+from .records import ParticipantOutcome, ParticipantStart, ParticipantStop
 
 logger = logging.getLogger("rayvisor.participant")
 
@@ -133,7 +133,7 @@ class ParticipantActor:
         self._ready.set()
         if self._early_stop is not None:
             self._runner.stop(self._early_stop.cause, self._early_stop.reason)
-        return encode(ParticipantStarted(pid=os.getpid(), node_id=ray.get_runtime_context().get_node_id()))
+        return encode(ActorStarted(pid=os.getpid(), node_id=ray.get_runtime_context().get_node_id()))
 
     async def run(self) -> bytes:
         if self._runner is not None and self._participant is not None:

@@ -28,11 +28,11 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from ..agents.job import JobContext, ParticipantEntrypoint
 from ..agents.options import RestartPolicy, WorkerOptions
 from ..aio import supervised_task
-from ..messages import JobStart, ParticipantActorInfo, ParticipantActorState, ParticipantCause, decode, encode
+from ..messages import ActorStarted, JobStart, ParticipantActorInfo, ParticipantActorState, ParticipantCause, decode, encode
 from ..rooms.records import EventDelivery, RoomEvent, RoomEventType, RoomSnapshot
 from .lifecycle import cancel_and_wait, describe_exception
 from .participant_actor import ParticipantActor
-from .records import ParticipantOutcome, ParticipantStart, ParticipantStarted, ParticipantStop
+from .records import ParticipantOutcome, ParticipantStart, ParticipantStop
 
 logger = logging.getLogger("rayvisor.participants")
 
@@ -252,7 +252,7 @@ class ParticipantManager:
         self._changed()
         try:
             started = decode(await asyncio.wait_for(
-                handle.start.remote(encode(start)), self._opts.initialize_process_timeout), ParticipantStarted)
+                handle.start.remote(encode(start)), self._opts.initialize_process_timeout), ActorStarted)
         except (RayActorError, RayTaskError, asyncio.TimeoutError) as err:
             _kill(handle)
             self._end(child, ParticipantActorState.FAILED, ParticipantCause.START_FAILED, str(err) or "start timed out")

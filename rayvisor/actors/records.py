@@ -22,12 +22,6 @@ class ParticipantStart(Record):
 
 
 @register
-class ParticipantStarted(Record):
-    pid: int
-    node_id: str
-
-
-@register
 class ParticipantStop(Record):
     """Job actor -> participant actor: run your shutdown callbacks and finish."""
 

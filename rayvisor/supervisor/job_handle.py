@@ -15,7 +15,7 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from ..actors.job_actor import JobActor
 from ..agents.options import WorkerOptions
-from ..messages import Ack, JobDescription, JobOutcome, JobStart, JobStarted, ShutdownRequest, decode, encode
+from ..messages import Ack, ActorStarted, JobDescription, JobOutcome, JobStart, ShutdownRequest, decode, encode
 
 logger = logging.getLogger("rayvisor.supervisor")
 
@@ -60,7 +60,7 @@ class JobActorHandle:
         ).remote(opts, supervisor, namespace)
         return cls(actor, name)
 
-    async def start(self, start: JobStart, timeout: float) -> JobStarted:
+    async def start(self, start: JobStart, timeout: float) -> ActorStarted:
         """Start the job; raises ``ActorGone``, ``asyncio.TimeoutError`` or the decode error."""
         try:
             data = await asyncio.wait_for(self._actor.start.remote(encode(start)), timeout)
@@ -68,7 +68,7 @@ class JobActorHandle:
             raise ActorGone(str(err)) from err
         except RayTaskError as err:
             raise StartError(str(err.cause if err.cause is not None else err)) from err
-        return decode(data, JobStarted)
+        return decode(data, ActorStarted)
 
     @classmethod
     def attach(cls, name: str, namespace: str) -> "JobActorHandle | None":

@@ -47,7 +47,6 @@ class WarmPool:
         self._wake = asyncio.Event()
         self._closed = False
         self._tasks: set[asyncio.Task[Any]] = set()
-        self.prewarm_attempts = 0
         self._filler = supervised_task(self._fill(), name=f"pool:{opts.agent_name}", logger=logger, tasks=self._tasks)
 
     @property
@@ -108,7 +107,6 @@ class WarmPool:
 
     async def _prewarm_one(self) -> None:
         began = time.monotonic()
-        self.prewarm_attempts += 1
         handle: JobActorHandle | None = None
         try:
             handle = self._create()
