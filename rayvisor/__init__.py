@@ -13,15 +13,15 @@ Operator side::
 from livekit import rtc
 
 from . import errors
-from .agents import AutoSubscribe, EndWhen, JobContext, JobProcess, JobRequest, LoadInfo, WorkerOptions
-from .messages import Cause, JobInfo, JobSpec, JobState, RestartPolicy, Transition
+from .agents import AutoSubscribe, EndWhen, JobContext, JobProcess, JobRequest, LoadInfo, WorkerOptions, WorkerPermissions
+from .messages import Cause, JobInfo, JobOrigin, JobSpec, JobState, RestartPolicy, Transition
 from .supervisor import Client, connect, local_rooms, serve
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AutoSubscribe", "Cause", "Client", "EndWhen", "JobContext", "JobInfo", "JobProcess", "JobRequest", "JobSpec",
-    "JobState", "LoadInfo", "RestartPolicy", "Transition", "WorkerOptions", "cli", "connect", "errors", "local_rooms", "rtc", "serve",
+    "AutoSubscribe", "Cause", "Client", "EndWhen", "JobContext", "JobInfo", "JobOrigin", "JobProcess", "JobRequest", "JobSpec",
+    "JobState", "LoadInfo", "RestartPolicy", "Transition", "WorkerOptions", "WorkerPermissions", "cli", "connect", "errors", "local_rooms", "rtc", "serve",
 ]
 
 

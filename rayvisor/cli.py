@@ -7,7 +7,6 @@ import logging
 import signal
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
@@ -99,7 +98,8 @@ def _run_worker(opts: WorkerOptions, *, mode: str, address: str | None, namespac
     (no new jobs, running ones get ``drain_timeout``). Ray is stopped if we started it."""
     logs.configure(mode)
     started_ray = not ray.is_initialized() and address is None
-    client = serve(opts, address=address, namespace=namespace, log_format="json" if mode == "start" else "text")
+    client = serve(opts, address=address, namespace=namespace, log_format="json" if mode == "start" else "text",
+                   register_worker=opts.uses_livekit)
     stop = threading.Event()
     draining = threading.Event()
 
@@ -124,6 +124,9 @@ def _run_worker(opts: WorkerOptions, *, mode: str, address: str | None, namespac
     signal.signal(signal.SIGTERM, on_signal)
     click.echo(f"rayvisor {mode}: agent {opts.agent_name or '(default)'} serving namespace {namespace!r}; "
                f"submit with `rayvisor submit --room ROOM`; Ctrl-C to stop", err=True)
+    if opts.uses_livekit:
+        click.echo(f"registering with LiveKit at {opts.ws_url} (jobs join LiveKit rooms; "
+                   f"see `rayvisor worker-status`)", err=True)
     try:
         follow_lifecycle(client, stop)
     finally:
@@ -255,6 +258,14 @@ def build_cli(opts: WorkerOptions | None = None) -> click.Group:
         with _errors_as_messages():
             result = connect(address, namespace=namespace).drain(timeout=timeout)
             click.echo(f"drained: {result.ended_on_their_own} ended on their own, {result.shut_down} shut down")
+
+    @group.command("worker-status", help="The agent's LiveKit worker registration (state, worker id, last error).")
+    @click.option("--agent-name", default=None, help="Agent (if several are registered).")
+    @attach_option
+    @namespace_option
+    def worker_status(agent_name: str | None, address: str, namespace: str) -> None:
+        with _errors_as_messages():
+            _echo_json(connect(address, namespace=namespace).worker_status(agent_name).model_dump(mode="json"))
 
     @group.command(help="The supervisor's counters, gauges and latency summaries.")
     @attach_option

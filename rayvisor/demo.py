@@ -75,10 +75,11 @@ def run_demo(*, hang_budget: float = 1.0) -> int:
     ray.init(include_dashboard=False, log_to_driver=False, namespace=DEMO_NAMESPACE,
              logging_level="ERROR", configure_logging=True)
     try:
+        local = {"ws_url": "", "api_key": "", "api_secret": ""}  # the built-in rooms, even with LIVEKIT_* set
         client = rayvisor.serve(WorkerOptions(entrypoint_fnc=support_agent, agent_name="support",
-                                              shutdown_process_timeout=5.0), namespace=DEMO_NAMESPACE)
+                                              shutdown_process_timeout=5.0, **local), namespace=DEMO_NAMESPACE)
         rayvisor.serve(WorkerOptions(entrypoint_fnc=support_agent, agent_name="support-hangs",
-                                     shutdown_process_timeout=hang_budget), namespace=DEMO_NAMESPACE)
+                                     shutdown_process_timeout=hang_budget, **local), namespace=DEMO_NAMESPACE)
         rooms = rayvisor.local_rooms(namespace=DEMO_NAMESPACE)
         stop = threading.Event()
         follower = threading.Thread(target=_follow, args=(client, stop, say, format_transition), daemon=True)

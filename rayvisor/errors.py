@@ -164,6 +164,25 @@ class LiveKitNotConfigured(RayvisorError, RuntimeError):
     code = "livekit_not_configured"
 
 
+class ConnectFailed(RoomError, ConnectionError):
+    """``ctx.connect()`` could not join the room (bad url or token, server unreachable,
+    or no answer within ``room_connect_timeout``); the job ends with cause ``connect_failed``."""
+
+    code = "connect_failed"
+
+
+class DuplicateJob(InvalidJobSpec):
+    """A job id given in a ``JobSpec`` is already used by a job for another room or agent."""
+
+    code = "duplicate_job"
+
+
+class WorkerRegistrationError(RayvisorError, ConnectionError):
+    """The LiveKit server refused or dropped the worker registration (see the message)."""
+
+    code = "worker_registration_error"
+
+
 _BY_CODE: dict[str, type[RayvisorError]] = {}
 
 

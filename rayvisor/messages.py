@@ -33,6 +33,8 @@ MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 MAX_ROOM_NAME_CHARS = 256
 MAX_IDENTITY_CHARS = 256
+MAX_JOB_ID_CHARS = 128
+MAX_TOKEN_CHARS = 16 * 1024
 
 
 class Record(BaseModel):
@@ -168,6 +170,15 @@ class JobState(str, enum.Enum):
 TERMINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.KILLED, JobState.REJECTED})
 
 
+class JobOrigin(str, enum.Enum):
+    """Who asked for a job."""
+
+    CLIENT = "client"
+    """``client.submit`` or ``rayvisor submit``."""
+    LIVEKIT = "livekit"
+    """A LiveKit server's dispatch, through the worker bridge (which reports its status back)."""
+
+
 class RestartPolicy(str, enum.Enum):
     """OTP restart types."""
 
@@ -198,6 +209,9 @@ class Cause(str, enum.Enum):
     REJECTED = "rejected"
     NODE_LOST = "node_lost"
     NO_CAPACITY = "no_capacity"
+    CONNECT_FAILED = "connect_failed"
+    TERMINATED = "terminated"
+    """The LiveKit server ended the job (``JobTermination``)."""
 
 
 
@@ -213,6 +227,14 @@ class JobSpec(Record):
     dispatch_id: str = ""
     restart: RestartPolicy | None = Field(default=None, strict=False)
     """Overrides the agent's ``WorkerOptions.restart`` for this job."""
+    job_id: str | None = Field(default=None, min_length=1, max_length=MAX_JOB_ID_CHARS, pattern=r"^[A-Za-z0-9_.-]+$")
+    """The job's id (default: a new ``RJ_...`` id). Submitting again with the id of a job for
+    the same room and agent returns that job instead of starting a second one."""
+    url: str = Field(default="", max_length=2048)
+    """LiveKit only: the server url to join (default: the agent's ``ws_url``)."""
+    token: str = Field(default="", max_length=MAX_TOKEN_CHARS)
+    """LiveKit only: the room token to join with (default: one the supervisor mints)."""
+    origin: JobOrigin = Field(default=JobOrigin.CLIENT, strict=False)
 
     def __init__(self, **fields: Any) -> None:
         try:
@@ -245,6 +267,12 @@ class JobStart(Record):
     attributes: dict[str, str] = {}
     participant_metadata: str = ""
     log_format: str = "json"
+    url: str = ""
+    """LiveKit backend: the server to join; empty means the local room backend."""
+    token: str = ""
+    """LiveKit backend: the job's room token."""
+    api_token: str = ""
+    """LiveKit backend: a short-lived server API token for ``ctx.api`` (the job never holds the secret)."""
 
 
 @register
@@ -521,3 +549,37 @@ def endpoint(request_type: type[R]):
         return method
 
     return wrap
+
+
+class BridgeState(str, enum.Enum):
+    """Where a LiveKit worker registration stands."""
+
+    CONNECTING = "connecting"
+    REGISTERED = "registered"
+    REFUSED = "refused"
+    """The server refused the registration (bad credentials); retried with backoff."""
+    DISCONNECTED = "disconnected"
+    """Lost the server; reconnecting with backoff."""
+    CLOSED = "closed"
+
+
+@register
+class AgentNameRequest(Record):
+    agent_name: str | None = Field(default=None, max_length=MAX_IDENTITY_CHARS)
+    """None: the only registered agent."""
+
+
+@register
+class WorkerBridgeStatus(Record):
+    """The LiveKit worker registration of one agent (``client.worker_status``)."""
+
+    agent_name: str
+    url: str
+    state: BridgeState = Field(strict=False)
+    worker_id: str = ""
+    registrations: int = 0
+    """Successful registrations so far (more than one: it reconnected)."""
+    failures: int = 0
+    """Connection or registration attempts that failed."""
+    last_error: str = ""
+    draining: bool = False

@@ -10,6 +10,8 @@ from typing import Any
 import pytest
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # tests only; production keeps Ray's token auth
+for _name in ("LIVEKIT_URL", "LIVEKIT_API_KEY", "LIVEKIT_API_SECRET"):  # the local backend unless a test says so
+    os.environ.pop(_name, None)
 
 import ray  # noqa: E402
 

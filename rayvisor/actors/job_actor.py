@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import ray
 from livekit import rtc
 
-from ..agents.job import JobContext, JobProcess, make_job
+from ..agents.job import JobContext, JobProcess, LiveKitAccess, make_job
 from ..agents.options import EndWhen, WorkerOptions
 from ..agents.room import RemoteParticipant
 from ..aio import supervised_task
@@ -40,7 +40,8 @@ from ..messages import (
     endpoint,
 )
 from ..rooms.base import RoomConnection
-from ..errors import NotConnected
+from ..errors import ConnectFailed, NotConnected
+from ..rooms.livekit import LiveKitRoomConnection
 from ..rooms.local import LocalRoomConnection
 from ..rooms.records import RelayAction, RelayRequest
 from .memory import MemoryMonitor
@@ -76,7 +77,7 @@ class JobRunner:
 
     def __init__(self, opts: WorkerOptions, start: JobStart, proc: JobProcess,
                  connection: RoomConnection, reporter: JobReporter,
-                 job_actor: Callable[[], Any] = lambda: None) -> None:
+                 job_actor: Callable[[], Any] = lambda: None, livekit: LiveKitAccess | None = None) -> None:
         self._opts = opts
         self._start = start
         self._reporter = reporter
@@ -96,12 +97,13 @@ class JobRunner:
             worker_id=start.worker_id,
             identity=start.identity,
             connection=connection,
-            request_shutdown=lambda cause, reason: self.request_shutdown(cause, reason),
+            request_shutdown=lambda cause, reason, error: self.request_shutdown(cause, reason, error),
             room_poll_timeout=opts.room_poll_timeout,
             on_participant_entrypoint=lambda entry: self.participants.on_entrypoint(entry),
             participant_name=start.name,
             participant_attributes=start.attributes,
             participant_metadata=start.participant_metadata,
+            livekit=livekit,
         )
         self.participants = ParticipantManager(
             ctx=self.ctx, opts=opts, start=start, job_actor=job_actor, on_change=self._on_participants_changed)
@@ -127,6 +129,9 @@ class JobRunner:
             await self._opts.entrypoint_fnc(self.ctx)
         except asyncio.CancelledError:
             raise
+        except ConnectFailed as err:
+            if self._cause != Cause.CONNECT_FAILED:  # else already recorded by ctx.connect
+                self.request_shutdown(Cause.CONNECT_FAILED, "could not join the room", str(err))
         except Exception as err:
             logger.exception("entrypoint raised")
             self.request_shutdown(Cause.ENTRYPOINT_ERROR, error=describe_exception(err))
@@ -160,6 +165,10 @@ class JobRunner:
             await asyncio.wait_for(self.ctx.room._disconnect(), self._opts.control_call_timeout)
         except Exception as err:
             logger.warning("leaving the room failed: %r", err)
+        try:
+            await asyncio.wait_for(self.ctx._close_api(), self._opts.control_call_timeout)
+        except Exception as err:
+            logger.warning("closing ctx.api failed: %r", err)
         assert self._cause is not None
         self._outcome = JobOutcome(
             state=JobState.FAILED if self._errors else JobState.SUCCEEDED,
@@ -292,9 +301,17 @@ class JobActor:
             return encode(ActorStarted(pid=os.getpid(), node_id=ray.get_runtime_context().get_node_id()))
         self._configure_logging(start)
         self._prewarm()
-        connection = LocalRoomConnection(self._namespace, call_timeout=self._opts.control_call_timeout)
-        self._runner = JobRunner(self._opts, start, self._proc, connection, _SupervisorReporter(self._supervisor),
-                                 job_actor=lambda: ray.get_runtime_context().current_actor)
+        connection: RoomConnection
+        livekit = LiveKitAccess(url=start.url, api_token=start.api_token) if start.url else None
+        if livekit is not None:
+            connection = LiveKitRoomConnection(
+                start.url, start.token, connect_timeout=self._opts.room_connect_timeout,
+                call_timeout=self._opts.control_call_timeout, room_api=lambda: runner.ctx.api)
+        else:
+            connection = LocalRoomConnection(self._namespace, call_timeout=self._opts.control_call_timeout)
+        runner = self._runner = JobRunner(
+            self._opts, start, self._proc, connection, _SupervisorReporter(self._supervisor),
+            job_actor=lambda: ray.get_runtime_context().current_actor, livekit=livekit)
         self._runner_ready.set()
         self._memory = MemoryMonitor(
             interval=self._opts.memory_check_interval,

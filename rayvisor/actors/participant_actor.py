@@ -15,7 +15,7 @@ from typing import Any
 
 import ray
 
-from ..agents.job import JobProcess, make_job
+from ..agents.job import JobProcess, LiveKitAccess, make_job
 from ..agents.participant import ParticipantContext
 from ..agents.room import RemoteParticipant, Room
 from ..messages import Ack, ActorStarted, ParticipantActorState, ParticipantCause, decode, encode
@@ -42,6 +42,7 @@ class ParticipantRunner:
         self._fnc = fnc
         self._start = start
         self._poll_timeout = poll_timeout
+        self._call_timeout = call_timeout
         self.connection = RelayConnection(job_actor, start.snapshot, call_timeout=call_timeout)
         self.room = Room(start.room)
         self.ctx = ParticipantContext(
@@ -49,6 +50,7 @@ class ParticipantRunner:
                          agent_name=start.agent_name, dispatch_id=start.dispatch_id),
             room=self.room, proc=JobProcess(), worker_id=start.worker_id,
             request_job_shutdown=self.connection.request_shutdown,
+            livekit=LiveKitAccess(url=start.url, api_token=start.api_token) if start.url else None,
         )
         self.phase = _Phase.CREATED
         self._entry_task: asyncio.Task[None] | None = None
@@ -97,6 +99,10 @@ class ParticipantRunner:
             self._errors.append(describe_exception(error))
         self._errors += await run_shutdown_callbacks(self.ctx.shutdown_callbacks, self._reason, logger)
         await self.room._disconnect()
+        try:
+            await asyncio.wait_for(self.ctx._close_api(), self._call_timeout)
+        except Exception as err:
+            logger.warning("closing ctx.api failed: %r", err)
         self._outcome = ParticipantOutcome(
             state=ParticipantActorState.FAILED if self._errors else ParticipantActorState.STOPPED,
             cause=self._cause, error=join_errors(self._errors),

@@ -234,6 +234,7 @@ class ParticipantManager:
             agent_name=self._start.agent_name, dispatch_id=self._start.dispatch_id, worker_id=self._start.worker_id,
             snapshot=RoomSnapshot(room=room.name, metadata=room.metadata, connection_id="",
                                   local=room._local_info, participants=[info]),
+            url=self._start.url, api_token=self._start.api_token,
         )
         try:
             handle = ParticipantActor.options(

@@ -19,6 +19,10 @@ class ParticipantStart(Record):
     dispatch_id: str
     worker_id: str
     snapshot: RoomSnapshot
+    url: str = ""
+    """LiveKit backend: the server, for ``ctx.api``."""
+    api_token: str = ""
+    """LiveKit backend: the job's server API token (``ctx.api``)."""
 
 
 @register

@@ -1,7 +1,7 @@
 """What an agent author imports (mirrors livekit.agents)."""
 
 from .job import JobContext, JobProcess
-from .options import AutoSubscribe, EndWhen, WorkerOptions
+from .options import AutoSubscribe, EndWhen, WorkerOptions, WorkerPermissions
 from .participant import ParticipantContext
 from .request import JobRequest, LoadInfo
 from .room import LocalParticipant, Participant, RemoteParticipant, Room
@@ -9,5 +9,5 @@ from .room import LocalParticipant, Participant, RemoteParticipant, Room
 __all__ = [
     "AutoSubscribe", "EndWhen", "JobContext", "JobProcess", "JobRequest", "LoadInfo", "LocalParticipant",
     "Participant", "ParticipantContext",
-    "RemoteParticipant", "Room", "WorkerOptions",
+    "RemoteParticipant", "Room", "WorkerOptions", "WorkerPermissions",
 ]

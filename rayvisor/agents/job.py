@@ -9,11 +9,11 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-from livekit import rtc
+from livekit import api, rtc
 from livekit.protocol import agent as agent_proto
 from livekit.protocol import models as models_proto
 
-from ..errors import DuplicateEntrypoint, InvalidAgent, LiveKitNotConfigured, NotConnected
+from ..errors import ConnectFailed, DuplicateEntrypoint, InvalidAgent, LiveKitNotConfigured, NotConnected
 from ..messages import Cause
 from ..rooms.base import RoomConnection
 from ..rooms.records import ParticipantInfo
@@ -21,7 +21,8 @@ from .options import AutoSubscribe
 from .room import RemoteParticipant, Room
 
 ShutdownCallback = Callable[[], Coroutine[Any, Any, None]] | Callable[[str], Coroutine[Any, Any, None]]
-ShutdownHook = Callable[[Cause, str], None]
+ShutdownHook = Callable[[Cause, str, "str | None"], None]
+"""``(cause, reason, error)``: start the job's shutdown protocol."""
 ParticipantEntrypointFnc = Callable[[Any, RemoteParticipant], Coroutine[Any, Any, None]]
 
 DEFAULT_PARTICIPANT_KINDS = (
@@ -47,6 +48,15 @@ class ParticipantEntrypoint:
         return participant.kind in self.kinds
 
 
+@dataclass(frozen=True)
+class LiveKitAccess:
+    """What a job holds to reach its LiveKit server: the url and a short-lived server API
+    token scoped to its room (minted by the supervisor; the API secret never leaves it)."""
+
+    url: str
+    api_token: str
+
+
 class JobProcess:
     """The process (Ray actor) a job runs in. ``userdata`` is filled by ``prewarm_fnc``."""
 
@@ -59,7 +69,10 @@ class BaseContext:
     """What the job's context and a participant actor's context share: the job, the room,
     the process, the worker id, log fields and shutdown callbacks."""
 
-    def __init__(self, *, job: agent_proto.Job, room: Room, proc: JobProcess, worker_id: str) -> None:
+    def __init__(self, *, job: agent_proto.Job, room: Room, proc: JobProcess, worker_id: str,
+                 livekit: LiveKitAccess | None = None) -> None:
+        self._livekit = livekit
+        self._api: api.LiveKitAPI | None = None
         self._job = job
         self._room = room
         self._proc = proc
@@ -86,10 +99,21 @@ class BaseContext:
         return self._worker_id
 
     @property
-    def api(self) -> Any:
-        raise LiveKitNotConfigured(
-            "ctx.api needs a LiveKit server (ws_url, api_key, api_secret); this job runs on the local room backend"
-        )
+    def api(self) -> api.LiveKitAPI:
+        """A ``livekit.api.LiveKitAPI`` for this job's server (created on first use, closed
+        when the job ends). It authenticates with a token scoped to the job's room."""
+        if self._livekit is None:
+            raise LiveKitNotConfigured(
+                "ctx.api needs a LiveKit server (ws_url, api_key, api_secret); this job runs on the local room backend"
+            )
+        if self._api is None:
+            self._api = api.LiveKitAPI(self._livekit.url, token=self._livekit.api_token)
+        return self._api
+
+    async def _close_api(self) -> None:
+        client, self._api = self._api, None
+        if client is not None:
+            await client.aclose()
 
     @property
     def log_context_fields(self) -> dict[str, Any]:
@@ -132,8 +156,9 @@ class JobContext(BaseContext):
         participant_name: str = "",
         participant_attributes: dict[str, str] | None = None,
         participant_metadata: str = "",
+        livekit: LiveKitAccess | None = None,
     ) -> None:
-        super().__init__(job=job, room=Room(job.room.name), proc=proc, worker_id=worker_id)
+        super().__init__(job=job, room=Room(job.room.name), proc=proc, worker_id=worker_id, livekit=livekit)
         self._participant_name = participant_name
         self._participant_attributes = dict(participant_attributes or {})
         self._participant_metadata = participant_metadata
@@ -150,7 +175,10 @@ class JobContext(BaseContext):
     # -- what the entrypoint does -------------------------------------------------
 
     async def connect(self, *, auto_subscribe: AutoSubscribe = AutoSubscribe.SUBSCRIBE_ALL, **_: Any) -> None:
-        """Join the job's room as the agent participant (``agent-<job id>``, kind AGENT)."""
+        """Join the job's room as the agent participant (``agent-<job id>``, kind AGENT).
+
+        If the room cannot be joined the job ends with cause ``connect_failed`` and this
+        raises ``ConnectFailed``."""
         self._auto_subscribe = AutoSubscribe(auto_subscribe)
         attributes = {"lk.agent.name": self._job.agent_name} if self._job.agent_name else {}
         local = ParticipantInfo(
@@ -160,7 +188,12 @@ class JobContext(BaseContext):
             attributes={**attributes, **self._participant_attributes},
             metadata=self._participant_metadata,
         )
-        await self._room._connect(self._connection, local, self._room_poll_timeout)
+        try:
+            await self._room._connect(self._connection, local, self._room_poll_timeout,
+                                      auto_subscribe=self._auto_subscribe.value)
+        except ConnectFailed as err:
+            self._request_shutdown(Cause.CONNECT_FAILED, "could not join the room", str(err))
+            raise
 
     async def wait_for_participant(
         self, *, identity: str | None = None,
@@ -214,7 +247,7 @@ class JobContext(BaseContext):
 
     def shutdown(self, reason: str = "") -> None:
         """End the job: the shutdown protocol starts in its own task, once."""
-        self._request_shutdown(Cause.USER_SHUTDOWN, reason)
+        self._request_shutdown(Cause.USER_SHUTDOWN, reason, None)
 
     async def delete_room(self) -> None:
         """End the session for everyone: delete the room (the job ends with ``room_deleted``)."""

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import inspect
 import math
+import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -24,6 +26,27 @@ class AutoSubscribe(str, enum.Enum):
     SUBSCRIBE_NONE = "subscribe_none"
     AUDIO_ONLY = "audio_only"
     VIDEO_ONLY = "video_only"
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorkerPermissions:
+    """What the agent participant may do in its room (livekit-agents' ``WorkerPermissions``):
+    sent when the worker registers and put into the room tokens rayvisor mints."""
+
+    can_publish: bool = True
+    can_subscribe: bool = True
+    can_publish_data: bool = True
+    can_update_metadata: bool = True
+    can_publish_sources: list[str] = field(default_factory=list)
+    hidden: bool = False
+
+
+LIVEKIT_ENV = {"ws_url": "LIVEKIT_URL", "api_key": "LIVEKIT_API_KEY", "api_secret": "LIVEKIT_API_SECRET"}
+"""Where each LiveKit setting is read from when it is not given (read where the options are built)."""
+
+
+def _from_env(name: str) -> Callable[[], str]:
+    return lambda: os.environ.get(LIVEKIT_ENV[name], "")
 
 
 class EndWhen(str, enum.Enum):
@@ -129,6 +152,30 @@ class WorkerOptions:
     room_poll_timeout: float = 5.0
     """How long one long-poll for room events waits before it is re-issued."""
 
+    ws_url: str = field(default_factory=_from_env("ws_url"))
+    """LiveKit server url (default: ``LIVEKIT_URL``). With ``api_key`` and ``api_secret`` set
+    too, jobs join real LiveKit rooms and ``dev``/``start`` register a worker; with none of
+    the three, jobs use the local room backend."""
+    api_key: str = field(default_factory=_from_env("api_key"))
+    """LiveKit API key (default: ``LIVEKIT_API_KEY``)."""
+    api_secret: str = field(default_factory=_from_env("api_secret"), repr=False)
+    """LiveKit API secret (default: ``LIVEKIT_API_SECRET``). Stays in the supervisor: job
+    actors get tokens minted with it, never the secret."""
+    permissions: WorkerPermissions = field(default_factory=WorkerPermissions)
+    """The agent participant's permissions (registration and minted room tokens)."""
+    token_ttl: float = 6 * 3600.0
+    """Lifetime (seconds) of the room and API tokens the supervisor mints for a job."""
+    room_connect_timeout: float = 10.0
+    """Bound (seconds) on ``ctx.connect()`` to a LiveKit room; past it the job fails (``connect_failed``)."""
+    worker_status_interval: float = 2.5
+    """How often the worker bridge sends ``UpdateWorkerStatus`` (load, job count) to LiveKit."""
+    assignment_timeout: float = 7.5
+    """How long capacity promised in an ``AvailabilityResponse`` is held for the ``JobAssignment``."""
+    reconnect_initial_delay: float = 0.5
+    """First wait before the worker bridge reconnects to LiveKit; doubles per failure."""
+    reconnect_max_delay: float = 30.0
+    """Ceiling of the worker bridge's reconnect backoff."""
+
     def __post_init__(self) -> None:
         if not inspect.iscoroutinefunction(self.entrypoint_fnc):
             raise InvalidAgent(
@@ -144,7 +191,9 @@ class WorkerOptions:
                      "room_poll_timeout", "participant_shutdown_timeout", "restart_window", "request_timeout",
                      "load_timeout", "pending_timeout",
                      "drain_timeout", "ping_interval", "ping_timeout", "memory_check_interval",
-                     "memory_warn_interval", "pool_rate_window", "pool_backoff_initial", "pool_backoff_max"):
+                     "memory_warn_interval", "pool_rate_window", "pool_backoff_initial", "pool_backoff_max",
+                     "token_ttl", "room_connect_timeout", "worker_status_interval", "assignment_timeout",
+                     "reconnect_initial_delay", "reconnect_max_delay"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise InvalidAgent(f"{name} must be a positive number of seconds, got {value!r}")
@@ -180,3 +229,26 @@ class WorkerOptions:
         if not all(isinstance(k, str) and isinstance(v, (int, float)) and math.isfinite(v) and v >= 0
                    for k, v in self.job_resources.items()):
             raise InvalidAgent("job_resources must map resource names to non-negative amounts")
+        self._validate_livekit()
+
+    def _validate_livekit(self) -> None:
+        given = {name: getattr(self, name) for name in LIVEKIT_ENV}
+        if not all(isinstance(value, str) for value in given.values()):
+            raise InvalidAgent("ws_url, api_key and api_secret must be strings")
+        missing = [f"{name} ({LIVEKIT_ENV[name]})" for name, value in given.items() if not value]
+        if 0 < len(missing) < len(given):
+            raise InvalidAgent("LiveKit needs ws_url, api_key and api_secret together; missing: " + ", ".join(missing))
+        if self.ws_url and not self.ws_url.startswith(("ws://", "wss://", "http://", "https://")):
+            raise InvalidAgent(f"ws_url must be a ws://, wss://, http:// or https:// url, got {self.ws_url!r}")
+        if not isinstance(self.permissions, WorkerPermissions):
+            raise InvalidAgent("permissions must be a rayvisor.WorkerPermissions")
+
+    @property
+    def uses_livekit(self) -> bool:
+        """Whether jobs join LiveKit rooms (all three LiveKit settings are given)."""
+        return bool(self.ws_url)
+
+    def without_credentials(self) -> "WorkerOptions":
+        """These options as a job actor gets them: no LiveKit url, key or secret (its tokens
+        come with each job's start record)."""
+        return dataclasses.replace(self, ws_url="", api_key="", api_secret="")

@@ -8,7 +8,7 @@ from typing import Any
 from livekit.protocol import agent as agent_proto
 
 from ..errors import ParticipantNotFound
-from .job import BaseContext, JobProcess
+from .job import BaseContext, JobProcess, LiveKitAccess
 from .room import RemoteParticipant, Room
 
 
@@ -23,8 +23,8 @@ class ParticipantContext(BaseContext):
     """
 
     def __init__(self, *, job: agent_proto.Job, room: Room, proc: JobProcess, worker_id: str,
-                 request_job_shutdown: Callable[[str], None]) -> None:
-        super().__init__(job=job, room=room, proc=proc, worker_id=worker_id)
+                 request_job_shutdown: Callable[[str], None], livekit: LiveKitAccess | None = None) -> None:
+        super().__init__(job=job, room=room, proc=proc, worker_id=worker_id, livekit=livekit)
         self._request_job_shutdown = request_job_shutdown
 
     async def connect(self, **_: Any) -> None:

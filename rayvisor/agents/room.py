@@ -218,20 +218,34 @@ class Room:
         if topic in self._text_handlers:
             raise ValueError(f"A text stream handler for topic '{topic}' is already set.")
         self._text_handlers[topic] = handler
+        if self._connection is not None:
+            self._watch_text_topic(self._connection, topic)
 
     def unregister_text_stream_handler(self, topic: str) -> None:
         self._text_handlers.pop(topic, None)
 
     # -- driven by the job ---------------------------------------------------------
 
+    @property
+    def rtc_room(self) -> rtc.Room | None:
+        """The underlying ``livekit.rtc.Room`` on the LiveKit backend (for media: tracks,
+        audio and video); None on the local backend, which has no media."""
+        return getattr(self._connection, "rtc_room", None)
+
     async def _connect(self, connection: RoomConnection, local: ParticipantInfo, poll_timeout: float,
-                       *, start_events: bool = True) -> None:
+                       *, start_events: bool = True, auto_subscribe: str = "subscribe_all") -> None:
         """Join through ``connection`` and (unless ``start_events`` is False) start delivering
         events; with False, ``_start_events`` starts them later."""
         if self._connection is not None:
             return
         self._state = rtc.ConnectionState.CONN_RECONNECTING
-        snapshot: RoomSnapshot = await connection.connect(self._name, local)
+        for topic in self._text_handlers:
+            self._watch_text_topic(connection, topic)
+        try:
+            snapshot: RoomSnapshot = await connection.connect(self._name, local, auto_subscribe)
+        except BaseException:
+            self._state = rtc.ConnectionState.CONN_DISCONNECTED
+            raise
         self._connection = connection
         self._metadata = snapshot.metadata
         self._local = LocalParticipant(snapshot.local, connection)
@@ -242,6 +256,12 @@ class Room:
         self.emit("connected")
         if start_events:
             self._start_events(poll_timeout)
+
+    @staticmethod
+    def _watch_text_topic(connection: RoomConnection, topic: str) -> None:
+        watch = getattr(connection, "watch_text_topic", None)  # backends that need topics named up front
+        if watch is not None:
+            watch(topic)
 
     def _start_events(self, poll_timeout: float) -> None:
         if self._pump is None and self._connection is not None:
@@ -356,6 +376,29 @@ class Room:
             self._deliver_text(event)
         elif kind == RoomEventType.DISCONNECTED:
             self._lose_connection(event.reason)
+        elif kind == RoomEventType.NATIVE:
+            self._emit_native(event)
+
+    def _emit_native(self, event: RoomEvent) -> None:
+        """Emit an rtc event as rtc does, with this facade's participant objects in place of
+        rtc's (so one object per identity holds across all events)."""
+        take = getattr(self._connection, "take_native", None)
+        native = take(event.seq) if take is not None else None
+        if native is None:
+            return
+        name, args = native
+
+        def ours(arg: Any) -> Any:
+            if isinstance(arg, list):
+                return [ours(item) for item in arg]
+            identity = getattr(arg, "identity", None)
+            if isinstance(identity, str) and hasattr(arg, "kind"):
+                if self._local is not None and identity == self._local.identity:
+                    return self._local
+                return self._remote.get(identity, arg)
+            return arg
+
+        self.emit(name, *(ours(arg) for arg in args))
 
     def _deliver_text(self, event: RoomEvent) -> None:
         handler = self._text_handlers.get(event.topic)

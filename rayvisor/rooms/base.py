@@ -14,8 +14,9 @@ class RoomConnection(Protocol):
     moves records: it joins, pulls events in order, and performs the participant's actions.
     """
 
-    async def connect(self, room: str, local: ParticipantInfo) -> RoomSnapshot:
-        """Join ``room`` as ``local``; returns who is already there."""
+    async def connect(self, room: str, local: ParticipantInfo, auto_subscribe: str = "subscribe_all") -> RoomSnapshot:
+        """Join ``room`` as ``local``; returns who is already there. ``auto_subscribe`` is an
+        ``AutoSubscribe`` value (backends without media ignore it)."""
 
     async def next_events(self, after_seq: int, timeout: float) -> EventBatch:
         """Events after ``after_seq``, waiting up to ``timeout`` seconds for the first one."""

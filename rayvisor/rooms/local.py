@@ -376,7 +376,7 @@ class LocalRoomConnection:
             raise RoomUnavailable(f"the local room server is unavailable: {err}") from None
         return decode_reply(data, *reply)
 
-    async def connect(self, room: str, local: ParticipantInfo) -> RoomSnapshot:
+    async def connect(self, room: str, local: ParticipantInfo, auto_subscribe: str = "subscribe_all") -> RoomSnapshot:
         self._server = room_server(self._namespace)
         # Known before the join is sent, so a disconnect racing the join still leaves.
         self._who = ParticipantRef(room=room, identity=local.identity)

@@ -34,6 +34,8 @@ class RoomEventType(str, enum.Enum):
     TEXT_RECEIVED = "text_received"
     """A text stream (``send_text``); delivered to ``register_text_stream_handler`` handlers."""
     DISCONNECTED = "disconnected"
+    NATIVE = "native"
+    """An rtc event whose arguments are rtc objects (LiveKit backend only; ``topic`` names it)."""
 
 
 @register

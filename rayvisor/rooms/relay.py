@@ -72,7 +72,7 @@ class RelayConnection:
 
     # -- RoomConnection ---------------------------------------------------------------
 
-    async def connect(self, room: str, local: ParticipantInfo) -> RoomSnapshot:
+    async def connect(self, room: str, local: ParticipantInfo, auto_subscribe: str = "subscribe_all") -> RoomSnapshot:
         return self._snapshot
 
     async def next_events(self, after_seq: int, timeout: float) -> EventBatch:

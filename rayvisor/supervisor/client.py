@@ -21,6 +21,7 @@ from ..agents.options import WorkerOptions
 from ..errors import InternalError, SupervisorNotFound, SupervisorUnavailable, WaitTimeout
 from ..messages import (
     Ack,
+    AgentNameRequest,
     DrainRequest,
     DrainResult,
     DrainStarted,
@@ -35,6 +36,7 @@ from ..messages import (
     Transition,
     TransitionList,
     WaitRequest,
+    WorkerBridgeStatus,
     decode_reply,
     encode,
 )
@@ -81,12 +83,15 @@ def ship_agent_code(opts: WorkerOptions) -> None:
 
 
 def serve(opts: WorkerOptions, *, address: str | None = None, namespace: str = DEFAULT_NAMESPACE,
-          call_timeout: float = DEFAULT_CALL_TIMEOUT, log_format: str = "json", **ray_init_kwargs: Any) -> "Client":
+          call_timeout: float = DEFAULT_CALL_TIMEOUT, log_format: str = "json", register_worker: bool = False,
+          **ray_init_kwargs: Any) -> "Client":
     """Start (or attach to) the namespace's supervisor and register ``opts``' agent.
 
     With no ``address`` and no Ray running, Ray is started inside this driver, so
     ``ray.shutdown()`` here removes everything. The supervisor and the local room
-    server are pinned to this driver's node.
+    server are pinned to this driver's node. ``register_worker``: also register the agent
+    as a worker with its LiveKit server (what ``rayvisor dev``/``start`` do when LiveKit
+    is configured), so the server's dispatches reach this cluster.
     """
     ensure_ray(address, **ray_init_kwargs)
     ship_agent_code(opts)
@@ -98,6 +103,8 @@ def serve(opts: WorkerOptions, *, address: str | None = None, namespace: str = D
     ).remote(opts, namespace, log_format)
     client = Client(handle, namespace, call_timeout=call_timeout)
     client._call_raw(handle.register_agent.remote(opts), Ack)
+    if register_worker:
+        client.start_worker(opts.agent_name)
     return client
 
 
@@ -193,6 +200,15 @@ class Client:
         started = self._call("drain", DrainRequest.build(timeout=timeout), DrainStarted)
         return self._call("wait_drained", DrainRequest(timeout=started.bound + self.call_timeout), DrainResult,
                           timeout=started.bound + 2 * self.call_timeout)
+
+    def start_worker(self, agent_name: str | None = None) -> WorkerBridgeStatus:
+        """Register the agent (default: the only one) as a worker with its LiveKit server;
+        idempotent. ``LiveKitNotConfigured`` if it has no LiveKit settings."""
+        return self._call("start_worker", AgentNameRequest.build(agent_name=agent_name), WorkerBridgeStatus)
+
+    def worker_status(self, agent_name: str | None = None) -> WorkerBridgeStatus:
+        """Where the agent's LiveKit worker registration stands."""
+        return self._call("worker_status", AgentNameRequest.build(agent_name=agent_name), WorkerBridgeStatus)
 
     def metrics(self) -> MetricsSnapshot:
         """The supervisor's counters, gauges and histogram summaries."""

@@ -57,7 +57,7 @@ class JobActorHandle:
             resources=custom,
             max_restarts=0,
             max_concurrency=1000,
-        ).remote(opts, supervisor, namespace)
+        ).remote(opts.without_credentials(), supervisor, namespace)  # the LiveKit secret stays here
         return cls(actor, name)
 
     async def start(self, start: JobStart, timeout: float) -> ActorStarted:

@@ -22,6 +22,7 @@ logger = logging.getLogger("rayvisor.supervisor")
 
 JOB_PREFIX = b"job:"
 AGENT_PREFIX = b"agent:"
+BRIDGE_PREFIX = b"bridge:"
 
 
 @register
@@ -84,8 +85,15 @@ class SupervisorStore:
                 logger.error("cannot load agent %r: %s", key, err)
         return found
 
+    def put_bridge(self, agent_name: str) -> None:
+        """Remember that ``agent_name`` is registered with LiveKit (a restarted supervisor registers again)."""
+        internal_kv._internal_kv_put(BRIDGE_PREFIX + agent_name.encode(), b"1", overwrite=True, namespace=self._ns)
+
+    def bridges(self) -> list[str]:
+        return [key[len(BRIDGE_PREFIX):].decode() for key in internal_kv._internal_kv_list(BRIDGE_PREFIX, namespace=self._ns)]
+
     def clear(self) -> None:
-        for prefix in (JOB_PREFIX, AGENT_PREFIX):
+        for prefix in (JOB_PREFIX, AGENT_PREFIX, BRIDGE_PREFIX):
             for key in internal_kv._internal_kv_list(prefix, namespace=self._ns):
                 internal_kv._internal_kv_del(key, namespace=self._ns)
 

@@ -23,10 +23,21 @@ from ..agents.job import make_job
 from ..agents.options import WorkerOptions
 from ..agents.request import Answer, JobRequest, LoadInfo
 from ..aio import supervised_task
-from ..errors import AtCapacity, Draining, JobNotFound, JobRejected, MetadataTooLarge, UnknownAgent, WaitTimeout
+from ..errors import (
+    AtCapacity,
+    Draining,
+    DuplicateJob,
+    InvalidJobSpec,
+    JobNotFound,
+    JobRejected,
+    MetadataTooLarge,
+    UnknownAgent,
+    WaitTimeout,
+)
 from ..logs import configure as configure_logging
 from ..messages import (
     Ack,
+    AgentNameRequest,
     AttemptInfo,
     Cause,
     DrainRequest,
@@ -48,6 +59,7 @@ from ..messages import (
     ShutdownStarted,
     TransitionList,
     WaitRequest,
+    WorkerBridgeStatus,
     encode,
     endpoint,
     now,
@@ -55,18 +67,22 @@ from ..messages import (
 from ..rooms.local import evict_participant
 from .job_handle import JOB_ACTOR_PREFIX, SLOT_RESOURCE, ActorGone, JobActorHandle, StartError
 from .job_table import AttemptEnd, JobRecord, JobTable
+from .credentials import LiveKitCredentials
+from .livekit_dispatch import LiveKitDispatch
 from .metrics import SupervisorMetrics
 from .pool import WarmPool
 from .store import JobSnapshot, SupervisorStore, monotonic_to_wall, wall_to_monotonic
+from .worker_bridge import WorkerLoad
 
 logger = logging.getLogger("rayvisor.supervisor")
 
 SUPERVISOR_NAME = "rayvisor-supervisor"
 LIVE_BEFORE_SHUTDOWN = (JobState.PENDING, JobState.STARTING, JobState.RUNNING)
-EXPLICIT_ENDS = frozenset({Cause.USER_SHUTDOWN, Cause.ROOM_DELETED, Cause.SUPERVISOR_STOPPED, Cause.DRAINED})
+EXPLICIT_ENDS = frozenset({Cause.USER_SHUTDOWN, Cause.ROOM_DELETED, Cause.SUPERVISOR_STOPPED, Cause.DRAINED,
+                           Cause.TERMINATED})
 """Ends that no restart policy undoes."""
 ABNORMAL_ENDS = frozenset({Cause.ACTOR_CRASHED, Cause.ENTRYPOINT_ERROR, Cause.UNRESPONSIVE, Cause.MEMORY_LIMIT,
-                           Cause.NODE_LOST})
+                           Cause.NODE_LOST, Cause.CONNECT_FAILED})
 """Ends after which a ``transient`` job is restarted."""
 PING_JITTER = 0.1
 """Pings are spread by +-10% of ``ping_interval`` so many jobs do not ping in lockstep."""
@@ -95,18 +111,20 @@ class Supervisor:
         self._metrics = SupervisorMetrics(self._worker_id)
         self._store = SupervisorStore(namespace)
         self._table = JobTable(finished_job_history=opts.finished_job_history, event_history=opts.event_history,
-                               on_change=self._persist, on_evict=self._store.delete_job)
+                               on_change=self._on_change, on_evict=self._store.delete_job)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._admitting = True
         self._refusal = ""
         self._drained_from: list[str] = []
         self._slots_seen = False
+        self._livekit = LiveKitDispatch(self, self._store, self._tasks)
         self._agents[opts.agent_name] = opts
         if ray.get_runtime_context().was_current_actor_reconstructed:
             # Ray restarted us (max_restarts=-1): take the jobs of the previous incarnation back.
             for agent in self._store.agents():
                 self._agents[agent.agent_name] = agent
             self._recover()
+            self._livekit.resume()
         else:  # a new supervisor: whatever an earlier one left in this namespace is not ours
             self._store.clear()
             self._kill_strays(keep=set())
@@ -152,6 +170,11 @@ class Supervisor:
         return self._slots_seen
 
     # -- persistence and recovery -------------------------------------------------------
+
+    def _on_change(self, record: JobRecord) -> None:
+        """Every transition: snapshot it, and tell the LiveKit server about dispatched jobs."""
+        self._persist(record)
+        self._livekit.job_changed(record)
 
     def _persist(self, record: JobRecord) -> None:
         self._store.put_job(JobSnapshot(
@@ -228,18 +251,38 @@ class Supervisor:
 
     @endpoint(JobSpec)
     async def submit(self, spec: JobSpec) -> JobInfo:
-        """Admit a job: capacity is reserved here, atomically; then ``request_fnc`` decides."""
-        if not self._admitting:
-            self._metrics.rejected("draining")
-            raise Draining(f"the supervisor is {self._refusal} and admits no new jobs")
+        """Admit a job: capacity is reserved here, atomically; then ``request_fnc`` decides.
+        A spec naming the id of an existing job (same room and agent) returns that job."""
+        existing = self._existing(spec)
+        if existing is not None:
+            return existing.info()
+        self._check_admitting()
         opts = self._resolve_agent(spec.agent_name)
+        record = await self._admit(spec, opts)
+        supervised_task(self._run_job(record, opts), name=f"job:{record.id}", logger=logger, tasks=self._tasks)
+        return record.info()
+
+    def _existing(self, spec: JobSpec) -> JobRecord | None:
+        record = self._table.get(spec.job_id) if spec.job_id else None
+        if record is not None and (record.spec.room != spec.room
+                                   or spec.agent_name is not None and record.agent_name != spec.agent_name):
+            raise DuplicateJob(f"job id {spec.job_id!r} is already used by a job of agent {record.agent_name!r} "
+                               f"in room {record.spec.room!r}")
+        return record
+
+    async def _admit(self, spec: JobSpec, opts: WorkerOptions) -> JobRecord:
+        """Check, reserve capacity (atomically: a PENDING record counts), then ``request_fnc``."""
+        self._check_admitting()
         size = len(spec.metadata.encode("utf-8"))
         if size > self._settings.max_metadata_bytes:
             raise MetadataTooLarge(
                 f"metadata is {size} bytes; the limit is max_metadata_bytes={self._settings.max_metadata_bytes}")
+        if (spec.token or spec.url) and not opts.uses_livekit:
+            raise InvalidJobSpec(f"a token or url needs agent {opts.agent_name!r} to be configured for LiveKit "
+                                 "(ws_url, api_key, api_secret)")
         load = await self._load()
         self._check_capacity(opts, load)
-        record = JobRecord(id=new_job_id(), spec=spec, agent_name=opts.agent_name,
+        record = JobRecord(id=spec.job_id or new_job_id(), spec=spec, agent_name=opts.agent_name,
                            shutdown_budget=opts.shutdown_process_timeout,
                            restart_policy=spec.restart or opts.restart)
         self._table.add(record)  # from here the job counts against capacity
@@ -247,12 +290,17 @@ class Supervisor:
         if opts.request_fnc is not None:
             await self._ask(opts, record)
         self._metrics.admitted(opts.agent_name)
-        supervised_task(self._run_job(record, opts), name=f"job:{record.id}", logger=logger, tasks=self._tasks)
-        return record.info()
+        return record
 
-    async def _load(self) -> float | None:
+    def _check_admitting(self) -> None:
+        if not self._admitting:
+            self._metrics.rejected("draining")
+            raise Draining(f"the supervisor is {self._refusal} and admits no new jobs")
+
+    async def _load(self, *, admitting: bool = True) -> float | None:
         """``load_fnc``'s answer, computed in a thread so user code cannot stall the
-        supervisor's loop; it fails closed (an error or no answer in time is full load)."""
+        supervisor's loop; it fails closed (an error or no answer in time is full load).
+        ``admitting``: a refusal here turns a job away (and is counted)."""
         settings = self._settings
         if settings.load_fnc is None:
             return None
@@ -262,27 +310,35 @@ class Supervisor:
             load = await asyncio.wait_for(asyncio.to_thread(settings.load_fnc, info), settings.load_timeout)
             return float(load)
         except asyncio.TimeoutError:
-            self._metrics.rejected("at_capacity")
+            if admitting:
+                self._metrics.rejected("at_capacity")
             raise AtCapacity(f"load_fnc did not answer within load_timeout={settings.load_timeout}s") from None
         except Exception as err:
             logger.exception("load_fnc failed")
-            self._metrics.rejected("at_capacity")
+            if admitting:
+                self._metrics.rejected("at_capacity")
             raise AtCapacity(f"load_fnc failed ({type(err).__name__}: {err}); refusing jobs until it works") from None
 
     def _check_capacity(self, opts: WorkerOptions, load: float | None) -> None:
         """Synchronous, so the check and the reservation that follows it are atomic."""
+        problem = self._capacity_problem(opts, load)
+        if problem is not None:
+            self._metrics.rejected("at_capacity")
+            raise AtCapacity(problem)
+
+    def _capacity_problem(self, opts: WorkerOptions, load: float | None) -> str | None:
+        """Why one more job of ``opts`` would be over capacity, or None."""
         settings = self._settings
         live = self._table.live()
         if settings.max_jobs is not None and len(live) >= settings.max_jobs:
-            self._metrics.rejected("at_capacity")
-            raise AtCapacity(f"{len(live)} jobs are running; max_jobs={settings.max_jobs}")
+            return f"{len(live)} jobs are running; max_jobs={settings.max_jobs}"
         if load is not None and load >= settings.load_threshold:
-            self._metrics.rejected("at_capacity")
-            raise AtCapacity(f"load {load:.2f} is at or above load_threshold={settings.load_threshold}")
+            return f"load {load:.2f} is at or above load_threshold={settings.load_threshold}"
         if opts.job_resources or self._slots_in_use():
-            self._check_resources(opts, live)
+            return self._resource_shortage(opts, live)
+        return None
 
-    def _check_resources(self, opts: WorkerOptions, live: list[JobRecord]) -> None:
+    def _resource_shortage(self, opts: WorkerOptions, live: list[JobRecord]) -> str | None:
         """Slots are counted by the supervisor itself (Ray's view of free resources lags actor
         creation by a moment, which would let a burst over-admit): every live job holds one,
         and so does every warm-pool actor still starting (a job can take over an idle one).
@@ -305,9 +361,7 @@ class Supervisor:
             for name, amount in opts.job_resources.items():
                 if available.get(name, 0.0) < amount:
                     short[name] = f"{max(0.0, available.get(name, 0.0)):g} free, {amount:g} needed"
-        if short:
-            self._metrics.rejected("at_capacity")
-            raise AtCapacity(f"not enough free Ray resources: {short}")
+        return f"not enough free Ray resources: {short}" if short else None
 
     async def _ask(self, opts: WorkerOptions, record: JobRecord) -> None:
         """Run ``request_fnc``; a rejection (or no answer in time) records REJECTED and raises."""
@@ -419,6 +473,7 @@ class Supervisor:
             self._begin_shutdown(record, Cause.SUPERVISOR_STOPPED, "supervisor stopping", notify_actor=True)
         if live:
             await asyncio.wait([asyncio.ensure_future(r.finished.wait()) for r in live])
+        await self._livekit.close(self._settings.control_call_timeout)  # last job statuses reach LiveKit first
         self._store.clear()  # a stopped supervisor leaves nothing to recover
         return Ack()
 
@@ -426,10 +481,68 @@ class Supervisor:
         self._admitting, self._refusal = False, why
         for pool in self._pools.values():
             pool.close()
+        self._livekit.set_draining()
         return self._table.live()
 
     async def ping(self) -> str:
         return self._worker_id
+
+    # -- LiveKit: one worker registration per agent, fronting the cluster ------------------
+
+    @endpoint(AgentNameRequest)
+    async def start_worker(self, request: AgentNameRequest) -> WorkerBridgeStatus:
+        """Register the agent with its LiveKit server (idempotent); a restarted supervisor
+        registers again by itself."""
+        return self._livekit.register(self._resolve_agent(request.agent_name))
+
+    @endpoint(AgentNameRequest)
+    async def worker_status(self, request: AgentNameRequest) -> WorkerBridgeStatus:
+        return self._livekit.status(self._resolve_agent(request.agent_name).agent_name)
+
+    # DispatchHost: what LiveKit dispatch asks of the supervisor.
+
+    @property
+    def admitting(self) -> bool:
+        return self._admitting
+
+    @property
+    def jobs(self) -> JobTable:
+        return self._table
+
+    def agent_options(self, agent_name: str) -> WorkerOptions:
+        return self._resolve_agent(agent_name)
+
+    def existing_job(self, spec: JobSpec) -> JobRecord | None:
+        return self._existing(spec)
+
+    async def admit(self, spec: JobSpec, opts: WorkerOptions) -> JobRecord:
+        return await self._admit(spec, opts)
+
+    def run_job(self, record: JobRecord, opts: WorkerOptions) -> None:
+        supervised_task(self._run_job(record, opts), name=f"job:{record.id}", logger=logger, tasks=self._tasks)
+
+    def reject(self, record: JobRecord, cause: Cause, reason: str) -> None:
+        self._table.transition(record, JobState.REJECTED, cause=cause, reason=reason)
+        self._metrics.active_jobs(len(self._table.live()))
+
+    def begin_shutdown(self, record: JobRecord, cause: Cause, reason: str) -> None:
+        self._begin_shutdown(record, cause, reason, notify_actor=True)
+
+    async def worker_load(self, opts: WorkerOptions) -> WorkerLoad:
+        """The cluster's load as one worker reports it: ``load_fnc`` if given, else live jobs
+        over capacity (``max_jobs`` or the cluster's slots); full when a job would be refused."""
+        live = self._table.live()
+        draining = not self._admitting
+        try:
+            load = await self._load(admitting=False)
+        except AtCapacity:
+            return WorkerLoad(load=1.0, full=True, job_count=len(live), draining=draining)
+        full = draining or self._capacity_problem(opts, load) is not None
+        if load is None:
+            capacity = self._settings.max_jobs or (ray.cluster_resources().get(SLOT_RESOURCE, 0.0)
+                                                   if self._slots_in_use() else 0)
+            load = len(live) / capacity if capacity else (1.0 if full else 0.0)
+        return WorkerLoad(load=min(1.0, max(0.0, load)), full=full, job_count=len(live), draining=draining)
 
     # -- job endpoints ----------------------------------------------------------------
 
@@ -524,13 +637,7 @@ class Supervisor:
             return record.kill_end
         if record.state == JobState.PENDING:
             self._table.transition(record, JobState.STARTING)
-        start = JobStart(
-            job_id=record.id, room=record.spec.room, metadata=record.spec.metadata,
-            agent_name=opts.agent_name, dispatch_id=record.spec.dispatch_id, worker_id=self._worker_id,
-            identity=record.identity, attempt=record.attempt, name=record.agent_participant_name,
-            attributes=record.agent_attributes, participant_metadata=record.agent_metadata,
-            log_format=self._log_format,
-        )
+        start = self._job_start(record, opts)
         pool = self._pools.get(opts.agent_name)
         pooled = pool.take() if pool is not None and self._admitting else None
         while True:
@@ -574,6 +681,26 @@ class Supervisor:
             self._persist(record)  # no transition follows: keep pid and node in the snapshot
         return await self._follow_attempt(record, handle, opts)
 
+    def _job_start(self, record: JobRecord, opts: WorkerOptions) -> JobStart:
+        """The attempt's start record. With LiveKit it carries the url and tokens minted here
+        (or the dispatch's own room token), never the API secret."""
+        name = record.agent_participant_name or opts.agent_name or record.identity
+        url = token = api_token = ""
+        credentials = LiveKitCredentials.of(opts)
+        if credentials is not None:
+            url = record.spec.url or credentials.url
+            attributes = {**({"lk.agent.name": opts.agent_name} if opts.agent_name else {}), **record.agent_attributes}
+            token = record.spec.token or credentials.room_token(
+                room=record.spec.room, identity=record.identity, name=name, attributes=attributes,
+                metadata=record.agent_metadata, permissions=opts.permissions, ttl=opts.token_ttl)
+            api_token = credentials.api_token(room=record.spec.room, ttl=opts.token_ttl)
+        return JobStart(
+            job_id=record.id, room=record.spec.room, metadata=record.spec.metadata, agent_name=opts.agent_name,
+            dispatch_id=record.spec.dispatch_id, worker_id=self._worker_id, identity=record.identity,
+            attempt=record.attempt, name=record.agent_participant_name, attributes=record.agent_attributes,
+            participant_metadata=record.agent_metadata, log_format=self._log_format,
+            url=url, token=token, api_token=api_token)
+
     async def _resume_attempt(self, record: JobRecord, handle: Any, opts: WorkerOptions) -> AttemptEnd:
         """Take back the attempt a previous supervisor was driving."""
         if handle is _GONE:
@@ -582,12 +709,7 @@ class Supervisor:
         record.actor = handle
         try:
             if record.pid is None:  # its start may not have completed: start is idempotent
-                start = JobStart(
-                    job_id=record.id, room=record.spec.room, metadata=record.spec.metadata, agent_name=opts.agent_name,
-                    dispatch_id=record.spec.dispatch_id, worker_id=self._worker_id, identity=record.identity,
-                    attempt=record.attempt, name=record.agent_participant_name, attributes=record.agent_attributes,
-                    participant_metadata=record.agent_metadata, log_format=self._log_format)
-                started = await handle.start(start, opts.initialize_process_timeout)
+                started = await handle.start(self._job_start(record, opts), opts.initialize_process_timeout)
                 record.pid, record.node_id = started.pid, started.node_id
             handle.run()
             if record.state == JobState.STARTING:
