@@ -202,6 +202,8 @@ class _Member:
     can_update_metadata: bool = True
     can_publish_data: bool = True
     outbox: asyncio.Queue[dict[str, Any] | _Close] | None = None
+    token: str = ""
+    """The room token a stand-in joined with (empty for participants added by the test)."""
 
     def push(self, message: dict[str, Any]) -> None:
         if self.outbox is not None:
@@ -287,6 +289,8 @@ class LocalLiveKitServer:
         self._sockets: list[_Worker] = []  # every open /agent connection
         self._workers: list[_Worker] = []  # registered workers, in registration order
         self._refused = 0
+        self._accepting_workers = True
+        self._assignment_tokens: dict[str, str] = {}
         self._job_statuses: dict[str, list[tuple[int, str]]] = {}
         self._migrations: list[list[str]] = []
         self._jobs: dict[str, agent.Job] = {}
@@ -476,6 +480,23 @@ class LocalLiveKitServer:
             r = self._rooms.get(room)
             return [_copy(m.info) for m in r.members.values()] if r else []
 
+    def assignment_token(self, job_id: str) -> str | None:
+        """The room token sent in ``job_id``'s JobAssignment."""
+        with self._lock:
+            return self._assignment_tokens.get(job_id)
+
+    def joined_with(self, room: str, identity: str) -> str | None:
+        """The room token the stand-in ``identity`` joined ``room`` with."""
+        with self._lock:
+            r = self._rooms.get(room)
+            member = r.members.get(identity) if r else None
+            return member.token if member is not None else None
+
+    def accept_workers(self, accepting: bool) -> None:
+        """While False, ``/agent`` answers 503 (a server restarting): workers cannot register."""
+        with self._lock:
+            self._accepting_workers = accepting
+
     def protocol_errors(self) -> list[str]:
         with self._lock:
             return list(self._protocol_errors)
@@ -655,6 +676,8 @@ class LocalLiveKitServer:
         return web.Response(text="OK")
 
     async def _agent_ws(self, request: web.Request) -> web.StreamResponse:
+        if not self._accepting_workers:
+            return web.json_response({"code": "unavailable", "msg": "not accepting workers"}, status=503)
         try:
             claims = self._verify(_bearer(request.headers.get("Authorization")))
             if not (claims.video and claims.video.agent):
@@ -845,6 +868,7 @@ class LocalLiveKitServer:
                 current.state.participant_identity = identity
                 current.state.updated_at = time.time_ns()
                 self._job_owner[job.id] = worker
+                self._assignment_tokens[job.id] = token
                 assigned = _copy(current)
             try:
                 await self._send(worker, agent.ServerMessage(assignment=agent.JobAssignment(job=assigned, token=token)))
@@ -1189,6 +1213,7 @@ class LocalLiveKitServer:
             can_update_metadata=bool(video.can_update_own_metadata),
             can_publish_data=bool(video.can_publish_data),
             outbox=outbox,
+            token=token or "",
         )
         with self._lock:
             room = self._room(video.room)

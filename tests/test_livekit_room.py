@@ -310,6 +310,8 @@ def test_text_streams_reach_handlers_registered_before_connect(scripted: type[Sc
 
 def test_audio_only_subscribes_to_audio_tracks_only(scripted: type[ScriptedRoom]) -> None:
     audio, video = FakePublication(rtc.TrackKind.KIND_AUDIO), FakePublication(rtc.TrackKind.KIND_VIDEO)
+    early_audio, early_video = FakePublication(rtc.TrackKind.KIND_AUDIO), FakePublication(rtc.TrackKind.KIND_VIDEO)
+    FakeParticipant.track_publications = {"TR_a": early_audio, "TR_v": early_video}  # published before we joined
 
     async def entrypoint(ctx):
         await ctx.connect(auto_subscribe=rayvisor_auto("audio_only"))
@@ -326,8 +328,11 @@ def test_audio_only_subscribes_to_audio_tracks_only(scripted: type[ScriptedRoom]
         runner.request_shutdown(Cause.USER_SHUTDOWN)
         await asyncio.wait_for(runner.wait_done(), 10)
 
-    asyncio.run(main())
-    assert (audio.subscribed, video.subscribed) == (True, False)
+    try:
+        asyncio.run(main())
+    finally:
+        del FakeParticipant.track_publications
+    assert (audio.subscribed, video.subscribed, early_audio.subscribed, early_video.subscribed) == (True, False, True, False)
 
 
 @pytest.mark.parametrize("behaviour, message", [("refuse", "401 Unauthorized"), ("hang", "room_connect_timeout=0.3s")])

@@ -149,6 +149,40 @@ def test_a_bad_secret_is_refused_clearly_retried_with_backoff_and_breaks_nothing
     assert client.list() == []  # the supervisor is unharmed
 
 
+def test_job_statuses_from_an_outage_reach_the_server_after_it_returns(
+        worker: Callable[..., rayvisor.Client], server: LocalLiveKitServer, agent_name: str) -> None:
+    client = worker(report_and_stay)
+    server.add_participant("outage-room", "alice")
+    job = dispatch(server, agent_name, "outage-room")
+    server.wait_for(lambda: statuses(server, job.id) == [JS.JS_RUNNING], timeout=TIMEOUT)
+    server.accept_workers(False)
+    try:
+        server.drop_workers()
+        server.remove_participant("outage-room", "alice")  # the job ends while no server hears of it
+        assert client.wait(job.id, timeout=TIMEOUT).cause == Cause.ROOM_EMPTY
+        wait_until(lambda: client.worker_status().state == BridgeState.DISCONNECTED, timeout=TIMEOUT)
+        assert statuses(server, job.id) == [JS.JS_RUNNING]
+    finally:
+        server.accept_workers(True)
+    server.wait_for(lambda: statuses(server, job.id) == [JS.JS_RUNNING, JS.JS_SUCCESS], timeout=TIMEOUT)
+    assert client.worker_status().registrations == 2
+
+
+def test_an_offer_still_deciding_is_withdrawn_by_a_drain_and_nothing_hangs(
+        worker: Callable[..., rayvisor.Client], server: LocalLiveKitServer, agent_name: str) -> None:
+    async def slow_request(req: Any) -> None:
+        await asyncio.sleep(30)
+        await req.accept()
+
+    client = worker(report_and_stay, request_fnc=slow_request, request_timeout=60)
+    job = dispatch(server, agent_name, "undecided-room")
+    client.wait_for_state(job.id, JobState.PENDING, timeout=TIMEOUT)
+    result = client.drain(timeout=0.2)
+    info = client.status(job.id)
+    assert (info.state, info.cause, result.shut_down) == (JobState.REJECTED, Cause.DRAINED, 1)
+    assert client.worker_status().draining
+
+
 def test_an_agent_without_livekit_settings_cannot_register(serve: Callable[..., rayvisor.Client]) -> None:
     client = serve(report_and_stay)
     with pytest.raises(LiveKitNotConfigured):
@@ -165,7 +199,8 @@ def test_a_dispatch_runs_the_entrypoint_with_its_job_and_reports_running_then_su
     job = dispatch(server, agent_name, "support-1", metadata='{"user": 7}')
     agent = server.wait_for(lambda: (p := agent_in_room(server, "support-1")) and "job_id" in p.attributes and p,
                             timeout=TIMEOUT)
-    # Joined with the assignment's token: the identity answered at availability, kind agent.
+    # Joined with the assignment's own token, under the identity answered at availability.
+    assert server.joined_with("support-1", agent.identity) == server.assignment_token(job.id)
     assert agent.identity == f"agent-{job.id}"
     assert server.availability(job.id).participant_identity == agent.identity
     assert dict(agent.attributes) == {"lk.agent.name": agent_name, "job_id": job.id, "room": "support-1",
@@ -290,6 +325,8 @@ def test_a_job_submitted_from_python_joins_with_a_minted_token_and_no_secret(
         from rayvisor.agents.options import WorkerOptions
 
         secrets = [o.api_secret for o in gc.get_objects() if isinstance(o, WorkerOptions) and o.api_secret]
+        if os.environ.get("LIVEKIT_API_SECRET"):
+            secrets.append("environment")
         await ctx.connect()
         await ctx.room.local_participant.set_attributes({"secrets_seen": str(len(secrets))})
         participants = await ctx.api.room.list_participants(api.ListParticipantsRequest(room=ctx.job.room.name))
@@ -315,6 +352,8 @@ def test_minted_tokens_are_scoped_to_the_jobs_room() -> None:
     assert not room.video.room_admin and not room.video.room_create and room.video.can_publish is False
     admin = verifier.verify(credentials.api_token(room="r1", ttl=60))
     assert (admin.video.room, admin.video.room_admin, admin.video.room_join) == ("r1", True, None)
+    assert admin.video.room_create  # LiveKit's DeleteRoom needs it, and it is not room-scoped (see README)
+    assert not admin.video.room_list and not admin.video.agent
 
 
 # --------------------------------------------------------------------------- job ids
@@ -333,6 +372,18 @@ def test_a_job_id_makes_submit_idempotent_and_cannot_be_reused_for_another_room(
         client.submit(JobSpec(room="room-a", token="a-token"))  # LiveKit-only fields on a local agent
     with pytest.raises(InvalidJobSpec):
         JobSpec(room="room-a", job_id="no spaces allowed")
+    with pytest.raises(InvalidJobSpec):
+        client.submit(JobSpec(room="room-a", origin="livekit"))  # only the worker bridge speaks for LiveKit
+
+
+def test_the_api_secret_is_hidden_from_processes_a_driver_starts(monkeypatch: pytest.MonkeyPatch) -> None:
+    from rayvisor.agents.options import secret_hidden_from_children
+
+    monkeypatch.setenv("LIVEKIT_API_SECRET", "s3cret")
+    with secret_hidden_from_children():
+        child_env = subprocess.run([sys.executable, "-c", "import os; print(os.environ.get('LIVEKIT_API_SECRET'))"],
+                                   capture_output=True, text=True, check=True).stdout.strip()
+    assert child_env == "None" and os.environ["LIVEKIT_API_SECRET"] == "s3cret"
 
 
 # --------------------------------------------------------------------------- the same runtime on LiveKit

@@ -19,7 +19,7 @@ import ray
 from livekit import rtc
 
 from ..agents.job import JobContext, JobProcess, LiveKitAccess, make_job
-from ..agents.options import EndWhen, WorkerOptions
+from ..agents.options import EndWhen, WorkerOptions, forget_secret
 from ..agents.room import RemoteParticipant
 from ..aio import supervised_task
 from ..logs import JsonFormatter, ReadableFormatter, install_record_fields
@@ -261,6 +261,7 @@ class JobActor:
     """One job's process. All calls take and return msgpack records."""
 
     def __init__(self, opts: WorkerOptions, supervisor: Any, namespace: str) -> None:
+        forget_secret()
         self._opts = opts
         self._supervisor = supervisor
         self._namespace = namespace

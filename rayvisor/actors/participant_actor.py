@@ -16,6 +16,7 @@ from typing import Any
 import ray
 
 from ..agents.job import JobProcess, LiveKitAccess, make_job
+from ..agents.options import forget_secret
 from ..agents.participant import ParticipantContext
 from ..agents.room import RemoteParticipant, Room
 from ..messages import Ack, ActorStarted, ParticipantActorState, ParticipantCause, decode, encode
@@ -121,6 +122,7 @@ class ParticipantActor:
     """The Ray actor around ``ParticipantRunner``. Calls take and return msgpack records."""
 
     def __init__(self, fnc: Any, job_actor: Any, call_timeout: float, poll_timeout: float) -> None:
+        forget_secret()
         self._fnc = fnc
         self._job_actor = job_actor
         self._call_timeout = call_timeout

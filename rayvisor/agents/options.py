@@ -7,7 +7,8 @@ import enum
 import inspect
 import math
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +44,27 @@ class WorkerPermissions:
 
 LIVEKIT_ENV = {"ws_url": "LIVEKIT_URL", "api_key": "LIVEKIT_API_KEY", "api_secret": "LIVEKIT_API_SECRET"}
 """Where each LiveKit setting is read from when it is not given (read where the options are built)."""
+
+
+SECRET_ENV = LIVEKIT_ENV["api_secret"]
+
+
+@contextmanager
+def secret_hidden_from_children() -> Iterator[None]:
+    """Without ``LIVEKIT_API_SECRET`` in this process's environment for the duration, so
+    processes started meanwhile (a local Ray's raylet, hence every Ray worker) lack it."""
+    secret = os.environ.pop(SECRET_ENV, None)
+    try:
+        yield
+    finally:
+        if secret is not None:
+            os.environ[SECRET_ENV] = secret
+
+
+def forget_secret() -> None:
+    """Drop ``LIVEKIT_API_SECRET`` from a job process's environment (a cluster whose nodes
+    were started with it exported would otherwise hand it to every job)."""
+    os.environ.pop(SECRET_ENV, None)
 
 
 def _from_env(name: str) -> Callable[[], str]:
@@ -174,7 +196,11 @@ class WorkerOptions:
     reconnect_initial_delay: float = 0.5
     """First wait before the worker bridge reconnects to LiveKit; doubles per failure."""
     reconnect_max_delay: float = 30.0
-    """Ceiling of the worker bridge's reconnect backoff."""
+    """Ceiling of the worker bridge's reconnect backoff (it starts over after a connection
+    that lasted at least this long)."""
+    worker_heartbeat_interval: float = 15.0
+    """Websocket ping interval of the worker bridge; a server that stops answering is
+    reconnected to, even if it never closed the connection."""
 
     def __post_init__(self) -> None:
         if not inspect.iscoroutinefunction(self.entrypoint_fnc):
@@ -193,7 +219,7 @@ class WorkerOptions:
                      "drain_timeout", "ping_interval", "ping_timeout", "memory_check_interval",
                      "memory_warn_interval", "pool_rate_window", "pool_backoff_initial", "pool_backoff_max",
                      "token_ttl", "room_connect_timeout", "worker_status_interval", "assignment_timeout",
-                     "reconnect_initial_delay", "reconnect_max_delay"):
+                     "reconnect_initial_delay", "reconnect_max_delay", "worker_heartbeat_interval"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise InvalidAgent(f"{name} must be a positive number of seconds, got {value!r}")

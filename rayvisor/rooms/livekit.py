@@ -108,9 +108,12 @@ class LiveKitRoomConnection:
         rtc_room = _room_factory()
         self._listen(rtc_room)
         subscribe_all, self._subscribe_kind = _auto_subscribe(auto_subscribe)
+        options = rtc.RoomOptions(auto_subscribe=subscribe_all, connect_timeout=self._connect_timeout)
         try:
-            await asyncio.wait_for(rtc_room.connect(self._url, self._token, rtc.RoomOptions(auto_subscribe=subscribe_all)),
-                                   self._connect_timeout)
+            await asyncio.wait_for(rtc_room.connect(self._url, self._token, options), self._connect_timeout)
+        except asyncio.CancelledError:  # the job is shutting down mid-connect: leave no ghost agent behind
+            supervised_task(self._abandon(rtc_room), name="room-abandon", logger=logger, tasks=self._tasks)
+            raise
         except asyncio.TimeoutError:
             await self._abandon(rtc_room)
             raise ConnectFailed(f"no connection to {self._url} within room_connect_timeout={self._connect_timeout}s") from None
@@ -121,6 +124,9 @@ class LiveKitRoomConnection:
         self._room = rtc_room
         for topic in self._text_topics:
             self._register_text_topic(topic)
+        for participant in rtc_room.remote_participants.values():  # tracks published before we came
+            for publication in getattr(participant, "track_publications", {}).values():
+                self._maybe_subscribe(publication, participant)
         return RoomSnapshot(
             room=room, metadata=rtc_room.metadata or "", connection_id=getattr(rtc_room, "name", room),
             local=participant_info(rtc_room.local_participant),
@@ -153,6 +159,7 @@ class LiveKitRoomConnection:
                                                    destination_identities=destination_identities))
 
     async def disconnect(self) -> None:
+        self._native.clear()
         rtc_room, self._room = self._room, None
         if rtc_room is not None:
             await self._bounded(rtc_room.disconnect())

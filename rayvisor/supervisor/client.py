@@ -17,7 +17,7 @@ from ray import cloudpickle
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from ..agents.options import WorkerOptions
+from ..agents.options import WorkerOptions, secret_hidden_from_children
 from ..errors import InternalError, SupervisorNotFound, SupervisorUnavailable, WaitTimeout
 from ..messages import (
     Ack,
@@ -58,7 +58,8 @@ def ensure_ray(address: str | None, **init_kwargs: Any) -> None:
         return
     init_kwargs.setdefault("include_dashboard", False)
     init_kwargs.setdefault("logging_level", logging.WARNING)
-    ray.init(address=address, **init_kwargs)
+    with secret_hidden_from_children():  # a Ray started here must not pass the secret on to jobs
+        ray.init(address=address, **init_kwargs)
 
 
 def ship_agent_code(opts: WorkerOptions) -> None:

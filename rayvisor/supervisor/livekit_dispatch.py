@@ -135,7 +135,8 @@ class LiveKitDispatch:
             spec = JobSpec(room=job.room.name, metadata=job.metadata, agent_name=opts.agent_name,
                            dispatch_id=job.dispatch_id, job_id=job.id, origin=JobOrigin.LIVEKIT)
             record = self._host.existing_job(spec)
-            if record is not None and (record.state != JobState.PENDING or record.spec.token):
+            if record is not None and record.id not in self._offers:
+                # Assigned, ended, or still before request_fnc's answer: not offered (again) now.
                 return Offer(False, reason=f"job {job.id} is already {record.state.value}")
             if record is None:
                 record = await self._host.admit(spec, opts)
@@ -155,6 +156,15 @@ class LiveKitDispatch:
         self._offers.pop(record.id, None)
         if record.state == JobState.PENDING and not record.spec.token:
             self._host.reject(record, Cause.REJECTED, f"no JobAssignment within assignment_timeout={timeout}s")
+
+    def withdraw_offer(self, record: JobRecord, cause: Cause, reason: str) -> bool:
+        """A job on offer (or still before ``request_fnc``'s answer) that is being shut down:
+        it never ran, so it ends REJECTED at once. False for any other job."""
+        if record.spec.origin != JobOrigin.LIVEKIT or record.spec.token or record.state != JobState.PENDING:
+            return False
+        self._withdraw(record.id)
+        self._host.reject(record, cause, f"withdrawn before its assignment: {reason}")
+        return True
 
     def _withdraw(self, job_id: str) -> None:
         timer = self._offers.pop(job_id, None)
@@ -180,13 +190,9 @@ class LiveKitDispatch:
         return None
 
     def terminate_job(self, job_id: str) -> None:
-        """A ``JobTermination``: the shutdown protocol (an offer not yet assigned is dropped)."""
+        """A ``JobTermination``: the shutdown protocol (an offer not yet assigned is withdrawn)."""
         record = self._host.jobs.get(job_id)
         if record is None or record.is_terminal:
-            return
-        if record.state == JobState.PENDING and not record.spec.token:
-            self._withdraw(job_id)
-            self._host.reject(record, Cause.TERMINATED, "terminated by the LiveKit server before its assignment")
             return
         self._host.begin_shutdown(record, Cause.TERMINATED, "terminated by the LiveKit server")
 

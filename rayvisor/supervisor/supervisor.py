@@ -47,6 +47,7 @@ from ..messages import (
     JobIdRequest,
     JobInfo,
     JobList,
+    JobOrigin,
     JobSpec,
     JobStart,
     JobState,
@@ -123,8 +124,8 @@ class Supervisor:
             # Ray restarted us (max_restarts=-1): take the jobs of the previous incarnation back.
             for agent in self._store.agents():
                 self._agents[agent.agent_name] = agent
+            self._livekit.resume()  # first, so what recovery changes is reported to LiveKit
             self._recover()
-            self._livekit.resume()
         else:  # a new supervisor: whatever an earlier one left in this namespace is not ours
             self._store.clear()
             self._kill_strays(keep=set())
@@ -256,6 +257,8 @@ class Supervisor:
         existing = self._existing(spec)
         if existing is not None:
             return existing.info()
+        if spec.origin == JobOrigin.LIVEKIT:
+            raise InvalidJobSpec("origin 'livekit' is set by the worker bridge for LiveKit's dispatches only")
         self._check_admitting()
         opts = self._resolve_agent(spec.agent_name)
         record = await self._admit(spec, opts)
@@ -282,6 +285,8 @@ class Supervisor:
                                  "(ws_url, api_key, api_secret)")
         load = await self._load()
         self._check_capacity(opts, load)
+        if spec.job_id and self._table.get(spec.job_id) is not None:  # admitted meanwhile (the await above)
+            raise DuplicateJob(f"job {spec.job_id!r} is already being admitted")
         record = JobRecord(id=spec.job_id or new_job_id(), spec=spec, agent_name=opts.agent_name,
                            shutdown_budget=opts.shutdown_process_timeout,
                            restart_policy=spec.restart or opts.restart)
@@ -519,6 +524,7 @@ class Supervisor:
         return await self._admit(spec, opts)
 
     def run_job(self, record: JobRecord, opts: WorkerOptions) -> None:
+        self._persist(record)  # its token, before anything can go wrong
         supervised_task(self._run_job(record, opts), name=f"job:{record.id}", logger=logger, tasks=self._tasks)
 
     def reject(self, record: JobRecord, cause: Cause, reason: str) -> None:
@@ -825,6 +831,9 @@ class Supervisor:
         """Record SHUTTING_DOWN with its deadline, tell the actor, and arm the kill timer."""
         if record.state not in LIVE_BEFORE_SHUTDOWN:
             return
+        if self._livekit.withdraw_offer(record, cause, reason):
+            record.shutdown_trigger = cause
+            return  # offered to LiveKit, never assigned: nothing runs, so nothing to shut down
         budget = record.shutdown_budget
         record.deadline = time.monotonic() + budget
         record.shutdown_trigger, record.shutdown_began = cause, time.monotonic()

@@ -167,7 +167,7 @@ class WorkerBridge:
                                                 sock_connect=self._opts.control_call_timeout)
         async with aiohttp.ClientSession(timeout=connect_timeout) as session:
             while self._state != BridgeState.CLOSED:
-                registered_before = self._registrations
+                registered_before, began = self._registrations, time.monotonic()
                 try:
                     await self._session(session)
                     self._last_error = "the server closed the connection"
@@ -187,7 +187,13 @@ class WorkerBridge:
                     self._failures += 1
                     self._state = BridgeState.DISCONNECTED
                     self._last_error = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
-                if self._registrations > registered_before:
+                except Exception as err:  # a bug here must cost a reconnect, not the registration
+                    logger.exception("LiveKit worker connection failed unexpectedly")
+                    self._failures += 1
+                    self._state = BridgeState.DISCONNECTED
+                    self._last_error = f"{type(err).__name__}: {err}"
+                stable = time.monotonic() - began >= self._opts.reconnect_max_delay
+                if self._registrations > registered_before and stable:
                     delay = self._opts.reconnect_initial_delay  # it worked for a while: start over
                 logger.warning("LiveKit worker connection: %s; reconnecting in %.1fs", self._last_error, delay)
                 await asyncio.sleep(delay * random.uniform(1 - RECONNECT_JITTER, 1 + RECONNECT_JITTER))
@@ -198,7 +204,7 @@ class WorkerBridge:
         self._state = BridgeState.CONNECTING
         headers = {"Authorization": f"Bearer {self._credentials.worker_token()}"}
         timeout = self._opts.control_call_timeout
-        async with session.ws_connect(self._url, headers=headers,
+        async with session.ws_connect(self._url, headers=headers, heartbeat=self._opts.worker_heartbeat_interval,
                                       timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=timeout)) as ws:
             await asyncio.wait_for(ws.send_bytes(self._register_message().SerializeToString()), timeout)
             reply = await asyncio.wait_for(self._receive(ws), timeout)
@@ -213,15 +219,24 @@ class WorkerBridge:
             if live:  # after a reconnect or a supervisor restart: these jobs are still ours
                 await ws.send_bytes(agent_proto.WorkerMessage(
                     migrate_job=agent_proto.MigrateJobRequest(job_ids=live)).SerializeToString())
-            sender = supervised_task(self._send_loop(ws), name="worker-bridge-send", logger=logger, tasks=self._tasks)
+            # Reading and sending live and die together: if either stops, the socket is
+            # done with and ``_run`` reconnects (a sender that failed must not leave a
+            # worker that hears the server but never reports).
+            loops = {asyncio.ensure_future(self._read_loop(ws)), asyncio.ensure_future(self._send_loop(ws))}
             try:
-                while True:
-                    message = await self._receive(ws)
-                    if message is None:
-                        return
-                    self._handle(ws, message)
+                done, _ = await asyncio.wait(loops, return_when=asyncio.FIRST_COMPLETED)
             finally:
-                sender.cancel()
+                for loop in loops:
+                    loop.cancel()
+            for loop in done:
+                loop.result()  # re-raise a failure, so it is counted and logged
+
+    async def _read_loop(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        while True:
+            message = await self._receive(ws)
+            if message is None:
+                return
+            self._handle(ws, message)
 
     def _register_message(self) -> agent_proto.WorkerMessage:
         permissions = self._opts.permissions
@@ -292,6 +307,7 @@ class WorkerBridge:
         next_status = 0.0
         reported_draining = False
         while True:
+            self._wake.clear()  # before draining: an update queued during the sends below wakes us again
             while self._job_updates:
                 await asyncio.wait_for(ws.send_bytes(agent_proto.WorkerMessage(
                     update_job=self._job_updates[0]).SerializeToString()), self._opts.control_call_timeout)
@@ -304,7 +320,6 @@ class WorkerBridge:
                     status=status, load=load.load, job_count=load.job_count, draining=load.draining,
                 )).SerializeToString()), self._opts.control_call_timeout)
                 next_status = time.monotonic() + self._opts.worker_status_interval
-            self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), max(0.0, next_status - time.monotonic()))
             except asyncio.TimeoutError:
