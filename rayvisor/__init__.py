@@ -15,7 +15,6 @@ from livekit import rtc
 from . import errors
 from .agents import AutoSubscribe, EndWhen, JobContext, JobProcess, JobRequest, LoadInfo, WorkerOptions, WorkerPermissions
 from .messages import Cause, JobInfo, JobOrigin, JobSpec, JobState, RestartPolicy, Transition
-from .supervisor import Client, connect, local_rooms, serve
 
 __version__ = "0.1.0"
 
@@ -25,10 +24,16 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    # ``cli`` imports click and the logging setup; load it only when asked for.
-    if name == "cli":
-        import importlib
+_OPERATOR_SIDE = {"Client", "connect", "local_rooms", "serve"}
 
+
+def __getattr__(name: str):
+    # The operator side (the supervisor, the LiveKit bridge) and ``cli`` load only when asked
+    # for: a job's process imports ``rayvisor`` for JobContext and should start fast.
+    import importlib
+
+    if name == "cli":
         return importlib.import_module(".cli", __name__)
+    if name in _OPERATOR_SIDE:
+        return getattr(importlib.import_module(".supervisor", __name__), name)
     raise AttributeError(name)

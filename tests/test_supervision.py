@@ -395,3 +395,23 @@ def test_closing_the_warm_pool_leaves_no_idle_actor(serve, namespace):
                 if a["namespace"] == namespace and a["name"].startswith("rayvisor-job-idle-")]
 
     wait_until(lambda: not idle_actors(), timeout=10)
+
+
+def slow_prewarm(proc) -> None:
+    time.sleep(0.4)  # e.g. loading a model
+
+
+async def waits(ctx: JobContext) -> None:
+    await asyncio.Event().wait()
+
+
+def test_a_burst_starts_a_few_actors_at_a_time_and_none_times_out_waiting(serve):
+    """Cold starts wait for a start slot; each gets its whole initialize_process_timeout."""
+    client = serve(waits, prewarm_fnc=slow_prewarm, max_concurrent_starts=1, initialize_process_timeout=2.5,
+                   end_when="never")
+    job_ids = [client.submit(room=f"burst-{i}") for i in range(4)]
+    infos = [client.wait_for_state(j, JobState.RUNNING, JobState.FAILED, timeout=60) for j in job_ids]
+    running_at = sorted(i.entered(JobState.RUNNING) for i in infos)
+    assert [i.state for i in infos] == [JobState.RUNNING] * 4, [i.error for i in infos]
+    assert running_at[-1] - infos[0].entered(JobState.PENDING) > 2.5  # longer than the timeout, yet none failed
+    assert all(b - a >= 0.35 for a, b in zip(running_at, running_at[1:]))  # one at a time

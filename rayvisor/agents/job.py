@@ -7,9 +7,9 @@ import inspect
 import os
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from livekit import api, rtc
+from livekit import rtc
 from livekit.protocol import agent as agent_proto
 from livekit.protocol import models as models_proto
 
@@ -19,6 +19,9 @@ from ..rooms.base import RoomConnection
 from ..rooms.records import ParticipantInfo
 from .options import AutoSubscribe
 from .room import RemoteParticipant, Room
+
+if TYPE_CHECKING:  # livekit.api (and aiohttp) load on first use of ctx.api: job processes start faster
+    from livekit import api
 
 ShutdownCallback = Callable[[], Coroutine[Any, Any, None]] | Callable[[str], Coroutine[Any, Any, None]]
 ShutdownHook = Callable[[Cause, str, "str | None"], None]
@@ -107,6 +110,8 @@ class BaseContext:
                 "ctx.api needs a LiveKit server (ws_url, api_key, api_secret); this job runs on the local room backend"
             )
         if self._api is None:
+            from livekit import api
+
             self._api = api.LiveKitAPI(self._livekit.url, token=self._livekit.api_token)
         return self._api
 

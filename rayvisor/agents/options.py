@@ -159,6 +159,10 @@ class WorkerOptions:
     """Restart intensity: at most this many restarts within ``restart_window`` seconds."""
     restart_window: float = 60.0
 
+    max_concurrent_starts: int = 0
+    """Job actors starting at once, cluster-wide (supervisor-wide setting); more wait, STARTING,
+    and their ``initialize_process_timeout`` begins with their turn. 0: the cluster's CPU
+    count when the supervisor starts (a start is a fresh interpreter: CPU-bound)."""
     job_resources: dict[str, float] = field(default_factory=dict)
     """Ray resources each job actor asks for (e.g. ``{"GPU": 1}`` or a custom resource);
     without ``"CPU"`` here, job actors reserve no CPU (``num_cpus=0``)."""
@@ -223,6 +227,8 @@ class WorkerOptions:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise InvalidAgent(f"{name} must be a positive number of seconds, got {value!r}")
+        if not isinstance(self.max_concurrent_starts, int) or self.max_concurrent_starts < 0:
+            raise InvalidAgent(f"max_concurrent_starts must be a non-negative integer, got {self.max_concurrent_starts!r}")
         for name in ("max_metadata_bytes", "finished_job_history", "event_history"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:

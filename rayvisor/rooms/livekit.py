@@ -16,10 +16,13 @@ import asyncio
 import itertools
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from livekit import api, rtc
+from livekit import rtc
 from livekit.protocol import room as room_proto
+
+if TYPE_CHECKING:  # livekit.api (and aiohttp) load only in jobs that use LiveKit
+    from livekit import api
 
 from ..aio import supervised_task
 from ..errors import ConnectFailed, NotConnected

@@ -21,6 +21,7 @@ from ..agents.options import WorkerOptions
 from ..aio import supervised_task
 from .job_handle import JobActorHandle
 from .metrics import SupervisorMetrics
+from .start_slots import StartSlots
 
 logger = logging.getLogger("rayvisor.pool")
 
@@ -34,8 +35,9 @@ class WarmPool:
     """See the module docstring. All methods run on the supervisor's event loop."""
 
     def __init__(self, opts: WorkerOptions, create: Callable[[], JobActorHandle],
-                 metrics: SupervisorMetrics) -> None:
+                 metrics: SupervisorMetrics, start_slots: StartSlots) -> None:
         self._opts = opts
+        self._start_slots = start_slots
         self._create = create
         self._metrics = metrics
         self._ready: deque[JobActorHandle] = deque()
@@ -106,11 +108,13 @@ class WarmPool:
                 pass
 
     async def _prewarm_one(self) -> None:
-        began = time.monotonic()
         handle: JobActorHandle | None = None
+        began = time.monotonic()
         try:
-            handle = self._create()
-            await handle.prewarm(self._opts.initialize_process_timeout)
+            async with self._start_slots.for_pool():
+                began = time.monotonic()
+                handle = self._create()
+                await handle.prewarm(self._opts.initialize_process_timeout)
         except asyncio.CancelledError:  # the supervisor itself is going away
             if handle is not None:
                 handle.kill()

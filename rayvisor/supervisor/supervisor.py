@@ -11,6 +11,7 @@ intensity) decide whether an ended attempt is followed by another.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -72,6 +73,7 @@ from .credentials import LiveKitCredentials
 from .livekit_dispatch import LiveKitDispatch
 from .metrics import SupervisorMetrics
 from .pool import WarmPool
+from .start_slots import StartSlots
 from .store import JobSnapshot, SupervisorStore, monotonic_to_wall, wall_to_monotonic
 from .worker_bridge import WorkerLoad
 
@@ -85,6 +87,8 @@ EXPLICIT_ENDS = frozenset({Cause.USER_SHUTDOWN, Cause.ROOM_DELETED, Cause.SUPERV
 ABNORMAL_ENDS = frozenset({Cause.ACTOR_CRASHED, Cause.ENTRYPOINT_ERROR, Cause.UNRESPONSIVE, Cause.MEMORY_LIMIT,
                            Cause.NODE_LOST, Cause.CONNECT_FAILED})
 """Ends after which a ``transient`` job is restarted."""
+SLOT_CHECK_INTERVAL = 1.0
+"""Seconds between two looks for ``rayvisor_slot`` nodes while none has been seen."""
 PING_JITTER = 0.1
 """Pings are spread by +-10% of ``ping_interval`` so many jobs do not ping in lockstep."""
 
@@ -118,7 +122,9 @@ class Supervisor:
         self._refusal = ""
         self._drained_from: list[str] = []
         self._slots_seen = False
+        self._slots_next_check = 0.0
         self._livekit = LiveKitDispatch(self, self._store, self._tasks)
+        self._start_slots = StartSlots(opts.max_concurrent_starts or max(1, int(ray.cluster_resources().get("CPU", 1))))
         self._agents[opts.agent_name] = opts
         if ray.get_runtime_context().was_current_actor_reconstructed:
             # Ray restarted us (max_restarts=-1): take the jobs of the previous incarnation back.
@@ -145,7 +151,7 @@ class Supervisor:
     def _start_pool(self, opts: WorkerOptions) -> None:
         if self._admitting and opts.num_idle_actors + opts.max_idle_actors > 0:
             self._pools[opts.agent_name] = WarmPool(opts, lambda: self._new_actor(opts, "idle-" + uuid.uuid4().hex[:12]),
-                                                    self._metrics)
+                                                    self._metrics, self._start_slots)
 
     def _resolve_agent(self, name: str | None) -> WorkerOptions:
         if name is None:
@@ -166,7 +172,9 @@ class Supervisor:
         """Whether the cluster's nodes advertise ``rayvisor_slot`` (then every job actor takes
         one). Sticky: once slots were seen, a moment with no slot node alive (every agent node
         lost) makes jobs wait or be refused, never fall back onto the head."""
-        if not self._slots_seen:
+        if not self._slots_seen and time.monotonic() >= self._slots_next_check:
+            # A GCS query: at most every SLOT_CHECK_INTERVAL, not on every admission.
+            self._slots_next_check = time.monotonic() + SLOT_CHECK_INTERVAL
             self._slots_seen = ray.cluster_resources().get(SLOT_RESOURCE, 0) > 0
         return self._slots_seen
 
@@ -647,37 +655,43 @@ class Supervisor:
         pool = self._pools.get(opts.agent_name)
         pooled = pool.take() if pool is not None and self._admitting else None
         while True:
-            handle = pooled or self._new_actor(opts, record.id + (f"-{record.attempt}" if record.attempt > 1 else ""))
-            record.actor, record.actor_name = handle, handle.name
-            self._persist(record)
-            if record.state == JobState.SHUTTING_DOWN:  # shut down before it started: no entrypoint runs
-                handle.request_shutdown(ShutdownRequest(cause=record.cause or Cause.USER_SHUTDOWN,
-                                                        reason=record.reason))
-            try:
-                if pooled is None and opts.allow_pending:
-                    try:
-                        await handle.wait_placed(opts.pending_timeout)
-                    except asyncio.TimeoutError:
-                        handle.kill()
-                        return AttemptEnd(JobState.REJECTED, Cause.NO_CAPACITY, error=(
-                            f"no node could take the job within pending_timeout={opts.pending_timeout}s"))
-                started = await handle.start(start, opts.initialize_process_timeout)
-                break
-            except (ActorGone, StartError, asyncio.TimeoutError) as err:
-                handle.kill()
-                if record.kill_end is not None:
+            # A cold start waits for a start slot (a few actors at a time start fast, many at
+            # once all start slowly); its initialize_process_timeout runs from its turn.
+            slot = self._start_slots.for_job() if pooled is None and not opts.allow_pending else contextlib.nullcontext()
+            async with slot:
+                if record.kill_end is not None:  # killed while it waited for its turn
                     return record.kill_end
-                if pooled is not None and isinstance(err, ActorGone):
-                    pooled = None  # an idle actor that died while waiting: try a cold one
-                    continue
-                if isinstance(err, ActorGone) and record.node_id is None:
-                    placed_on = handle.node_id()
-                    if placed_on is not None:
-                        record.node_id = placed_on
-                        if await self._death_cause(record) is Cause.NODE_LOST:
-                            return AttemptEnd(JobState.FAILED, Cause.NODE_LOST, error=str(err))
-                detail = str(err) or f"did not start within initialize_process_timeout={opts.initialize_process_timeout}s"
-                return AttemptEnd(JobState.FAILED, Cause.START_FAILED, error=detail)
+                handle = pooled or self._new_actor(opts, record.id + (f"-{record.attempt}" if record.attempt > 1 else ""))
+                record.actor, record.actor_name = handle, handle.name
+                self._persist(record)
+                if record.state == JobState.SHUTTING_DOWN:  # shut down before it started: no entrypoint runs
+                    handle.request_shutdown(ShutdownRequest(cause=record.cause or Cause.USER_SHUTDOWN,
+                                                            reason=record.reason))
+                try:
+                    if pooled is None and opts.allow_pending:
+                        try:
+                            await handle.wait_placed(opts.pending_timeout)
+                        except asyncio.TimeoutError:
+                            handle.kill()
+                            return AttemptEnd(JobState.REJECTED, Cause.NO_CAPACITY, error=(
+                                f"no node could take the job within pending_timeout={opts.pending_timeout}s"))
+                    started = await handle.start(start, opts.initialize_process_timeout)
+                    break
+                except (ActorGone, StartError, asyncio.TimeoutError) as err:
+                    handle.kill()
+                    if record.kill_end is not None:
+                        return record.kill_end
+                    if pooled is not None and isinstance(err, ActorGone):
+                        pooled = None  # an idle actor that died while waiting: try a cold one
+                        continue
+                    if isinstance(err, ActorGone) and record.node_id is None:
+                        placed_on = handle.node_id()
+                        if placed_on is not None:
+                            record.node_id = placed_on
+                            if await self._death_cause(record) is Cause.NODE_LOST:
+                                return AttemptEnd(JobState.FAILED, Cause.NODE_LOST, error=str(err))
+                    detail = str(err) or f"did not start within initialize_process_timeout={opts.initialize_process_timeout}s"
+                    return AttemptEnd(JobState.FAILED, Cause.START_FAILED, error=detail)
         record.pid, record.node_id = started.pid, started.node_id
         handle.run()
         if record.state == JobState.STARTING:
