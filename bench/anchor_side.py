@@ -141,7 +141,7 @@ class Anchor:
         return density_figures(memory)
 
     async def submissions_per_second(self, pool: ProcPool, count: int) -> float:
-        await self.wait_idle(pool, DEFAULT_IDLE)
+        await self.wait_idle(pool, count)
         infos = [job_info("idle") for _ in range(count)]
         began = time.time()
         for info in infos:
@@ -200,11 +200,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     for _ in range(args.bursts):
         latencies += (await anchor.burst(pool, args.burst_size, idle=args.burst_size))[0]
     figures["burst_sized_pool"] = {"start": summary(latencies), "idle": args.burst_size}
+    figures["submissions_per_second"] = await anchor.submissions_per_second(pool, args.burst_size)
     await anchor._close_pool(pool)
 
     pool = await anchor.pool(DEFAULT_IDLE)
     figures["density"] = await anchor.density(pool, args.density_jobs)
-    figures["submissions_per_second"] = await anchor.submissions_per_second(pool, args.burst_size)
     await anchor._close_pool(pool)
 
     figures["shutdown"] = {b: summary(await anchor.shutdown_times(b, args.shutdown_jobs)) for b in BEHAVIOURS}

@@ -9,6 +9,7 @@ to crash) by appending a line to a marks file: one clock (``time.time()``) on on
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import time
@@ -109,12 +110,13 @@ def summary(values: list[float | None], unit: str = "s") -> dict[str, Any]:
     ordered: list[float] = measured + [float("inf")] * censored
 
     def rank(q: float) -> float | None:
+        """Nearest rank: the smallest value with at least ``q`` of the samples at or below it."""
         if not ordered:
             return None
-        value = ordered[min(len(ordered) - 1, max(0, int(round(q * len(ordered) + 0.5)) - 1))]
+        value = ordered[max(0, math.ceil(q * len(ordered)) - 1)]
         return None if value == float("inf") else value
 
-    return {"n": len(values), "p50": rank(0.5), "p95": rank(0.95), "max": measured[-1] if measured else None,
+    return {"n": len(values), "p50": rank(0.5), "p95": rank(0.95), "max": rank(1.0),
             "censored": censored, "unit": unit,
             "mean": statistics.fmean(measured) if measured else None}
 

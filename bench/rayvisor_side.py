@@ -97,11 +97,13 @@ class Rayvisor:
         time.sleep(0.3)  # past the entrypoint's first steps (a blocking one is now blocking)
         pids = [found[(j, "start")][1] for j in ids]
         began = time.time()
-        for job_id in ids:
+        asked = {}
+        for job_id, pid in zip(ids, pids):  # one call each: every job's time runs from its own request
+            asked[pid] = time.time()
             client.shutdown(job_id)
         gone = wait_gone(pids, began, SHUTDOWN_CAP)
         client.stop(timeout=SHUTDOWN_CAP)
-        return [gone[p] for p in pids]
+        return [None if gone[p] is None else gone[p] - (asked[p] - began) for p in pids]
 
     def crash_detection(self, client: rayvisor.Client, runs: int) -> list[float]:
         detections = []
@@ -132,7 +134,7 @@ class Rayvisor:
         return done / seconds
 
     def submissions_per_second(self, client: rayvisor.Client, count: int) -> float:
-        self.wait_idle(client, DEFAULTS.num_idle_actors)
+        self.wait_idle(client, count)
         began = time.time()
         ids = [self.submit(client, "idle") for _ in range(count)]
         found = self.marks.wait([(j, "start") for j in ids], START_TIMEOUT)
@@ -171,6 +173,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for _ in range(args.bursts):
             latencies += bench.burst(client, args.burst_size, idle=args.burst_size)[0]
         figures["burst_sized_pool"] = {"start": summary(latencies), "idle": args.burst_size}
+        figures["submissions_per_second"] = bench.submissions_per_second(client, args.burst_size)
         client.stop()
 
         client = bench.serve()
@@ -180,7 +183,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         figures["status_queries_per_second"] = bench.status_queries_per_second(client, running + more, args.query_seconds)
         figures["status_queries_while_running"] = len(running) + len(more)
         bench.close_jobs(client, running + more)
-        figures["submissions_per_second"] = bench.submissions_per_second(client, args.burst_size)
         client.stop()
 
         figures["shutdown"] = {b: summary(bench.shutdown_times(b, args.shutdown_jobs)) for b in BEHAVIOURS}

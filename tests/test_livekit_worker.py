@@ -155,6 +155,8 @@ def test_job_statuses_from_an_outage_reach_the_server_after_it_returns(
     server.add_participant("outage-room", "alice")
     job = dispatch(server, agent_name, "outage-room")
     server.wait_for(lambda: statuses(server, job.id) == [JS.JS_RUNNING], timeout=TIMEOUT)
+    # In the room and has seen alice (else her leaving would not empty the room for it).
+    server.wait_for(lambda: (p := agent_in_room(server, "outage-room")) and "job_id" in p.attributes, timeout=TIMEOUT)
     server.accept_workers(False)
     try:
         server.drop_workers()
@@ -426,7 +428,7 @@ def test_after_a_supervisor_crash_the_new_one_registers_again_and_migrates_its_j
     client = worker(report_and_stay)
     server.add_participant("durable-room", "alice")
     job = dispatch(server, agent_name, "durable-room")
-    client.wait_for_state(job.id, JobState.RUNNING, timeout=TIMEOUT)
+    server.wait_for(lambda: (p := agent_in_room(server, "durable-room")) and "job_id" in p.attributes, timeout=TIMEOUT)
     handle = ray.get_actor(SUPERVISOR_NAME, namespace=namespace)
     os.kill(ray_state.actors()[handle._actor_id.hex()]["Pid"], signal.SIGKILL)
 

@@ -245,7 +245,8 @@ def test_transient_children_restart_until_the_intensity_is_spent(serve, rooms):
     for attempt in (1, 2):
         alice.send_text("exit", topic="cmd")
         pids.append(int(alice.wait_for_messages(attempt + 1, topic="child", timeout=30)[attempt][2]))
-        assert actors_of(client, job_id)["alice"].restarts == attempt
+        # The supervisor learns of the restart from the job's report, a moment after the greeting.
+        wait_until(lambda: actors_of(client, job_id)["alice"].restarts == attempt, timeout=10)
     alice.send_text("exit", topic="cmd")
 
     final = wait_until(lambda: (a := actors_of(client, job_id)["alice"]).state == ParticipantActorState.FAILED and a, timeout=10)

@@ -415,3 +415,22 @@ def test_a_burst_starts_a_few_actors_at_a_time_and_none_times_out_waiting(serve)
     assert [i.state for i in infos] == [JobState.RUNNING] * 4, [i.error for i in infos]
     assert running_at[-1] - infos[0].entered(JobState.PENDING) > 2.5  # longer than the timeout, yet none failed
     assert all(b - a >= 0.35 for a, b in zip(running_at, running_at[1:]))  # one at a time
+
+
+def slower_prewarm(proc) -> None:
+    time.sleep(3.0)
+
+
+def test_a_job_shut_down_while_waiting_for_a_start_slot_ends_at_once_without_an_actor(serve, namespace):
+    client = serve(waits, prewarm_fnc=slower_prewarm, max_concurrent_starts=1, initialize_process_timeout=20,
+                   end_when="never")
+    first = client.submit(room="holds-the-slot")
+    client.wait_for_state(first, JobState.STARTING, timeout=10)
+    queued = client.submit(room="waits-its-turn")
+    time.sleep(0.3)
+    asked = time.monotonic()
+    client.shutdown(queued, reason="not needed after all")
+    info = client.wait(queued, timeout=10)
+    assert time.monotonic() - asked < 1.0  # not after the first job's 3 s start
+    assert (info.state, info.cause, info.pid) == (JobState.SUCCEEDED, Cause.USER_SHUTDOWN, None)
+    assert client.wait_for_state(first, JobState.RUNNING, timeout=30).state == JobState.RUNNING

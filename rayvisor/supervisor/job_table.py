@@ -91,6 +91,8 @@ class JobRecord:
     kill_end: AttemptEnd | None = None
     """Set when the supervisor killed the current attempt (deadline, unresponsive, memory)."""
     killed: asyncio.Event = field(default_factory=asyncio.Event)
+    shutdown_requested: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set when the current attempt is asked to shut down (a job still waiting to start gives up)."""
     attempt_began: float = field(default_factory=time.monotonic)
     """When the current attempt began (admission, or the restart), for the start-latency metric."""
     shutdown_began: float | None = None

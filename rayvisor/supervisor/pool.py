@@ -42,6 +42,8 @@ class WarmPool:
         self._metrics = metrics
         self._ready: deque[JobActorHandle] = deque()
         self._starting = 0
+        """Prewarms asked for, waiting for a start slot or launching."""
+        self._launching = 0
         self._arrivals: deque[float] = deque()
         self._failures = 0
         self._not_before = 0.0
@@ -57,8 +59,9 @@ class WarmPool:
 
     @property
     def starting(self) -> int:
-        """Actors being created and prewarmed (each already holds its resources)."""
-        return self._starting
+        """Idle actors being created now (not those still waiting for a start slot): each
+        holds a ``rayvisor_slot`` of its node."""
+        return self._launching
 
     def take(self) -> JobActorHandle | None:
         """A ready, prewarmed actor (or None: start a cold one); counts an arrival either way."""
@@ -112,9 +115,15 @@ class WarmPool:
         began = time.monotonic()
         try:
             async with self._start_slots.for_pool():
+                if self._closed:  # closed while it waited: start nothing
+                    return
                 began = time.monotonic()
-                handle = self._create()
-                await handle.prewarm(self._opts.initialize_process_timeout)
+                self._launching += 1
+                try:
+                    handle = self._create()
+                    await handle.prewarm(self._opts.initialize_process_timeout)
+                finally:
+                    self._launching -= 1
         except asyncio.CancelledError:  # the supervisor itself is going away
             if handle is not None:
                 handle.kill()

@@ -1,58 +1,77 @@
-"""How many job actors may be starting at once, cluster-wide.
+"""How many job actors this supervisor starts at once.
 
 A Ray actor starts a fresh interpreter: CPU-bound work. Twenty at once on two cores all
 start slowly and miss ``initialize_process_timeout`` together; a few at a time each start
-quickly. Jobs waiting for a slot stay STARTING and their timeout starts with their slot.
-Jobs go first: the warm pool only starts an actor when no job is waiting for a slot.
+quickly. Jobs waiting for a slot stay STARTING and their timeout starts with their turn.
+Jobs go first, in arrival order: the warm pool gets a slot only when no job waits.
+
+Slots are handed over, never raced for: ``release`` gives the freed slot straight to the
+next waiter, so a waiter that is cancelled just after being handed one gives it back.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections import deque
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 
 class StartSlots:
-    def __init__(self, limit: int) -> None:
-        if limit < 1:
-            raise ValueError(f"need at least one start slot, got {limit}")
-        self.limit = limit
+    def __init__(self, limit: Callable[[], int]) -> None:
+        self._limit = limit
         self._in_use = 0
-        self._jobs_waiting = 0
-        self._changed = asyncio.Condition()
+        self._jobs: deque[asyncio.Future[None]] = deque()
+        self._pool: deque[asyncio.Future[None]] = deque()
 
     @property
     def in_use(self) -> int:
         return self._in_use
 
-    @asynccontextmanager
-    async def for_job(self) -> AsyncIterator[None]:
-        """Hold a slot while a job's actor is created and started."""
-        async with self._changed:
-            self._jobs_waiting += 1
-            try:
-                await self._changed.wait_for(lambda: self._in_use < self.limit)
-            finally:
-                self._jobs_waiting -= 1
+    @property
+    def limit(self) -> int:
+        return max(1, self._limit())
+
+    async def acquire(self, *, job: bool) -> None:
+        """Wait for a slot (jobs before the pool, each in arrival order)."""
+        ahead = self._jobs if job else (self._jobs or self._pool)
+        if self._in_use < self.limit and not ahead:
             self._in_use += 1
+            return
+        handed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        (self._jobs if job else self._pool).append(handed)
         try:
-            yield
-        finally:
-            await self._release()
+            await handed
+        except asyncio.CancelledError:
+            if handed.done() and not handed.cancelled():
+                self.release()  # handed a slot it no longer wants: pass it on
+            else:
+                (self._jobs if job else self._pool).remove(handed)
+            raise
+
+    def release(self) -> None:
+        """Free a slot: hand it to the next waiter (a job first), if the limit allows."""
+        self._in_use -= 1
+        while self._in_use < self.limit:
+            waiter = self._next_waiter()
+            if waiter is None:
+                return
+            self._in_use += 1
+            waiter.set_result(None)
+
+    def _next_waiter(self) -> asyncio.Future[None] | None:
+        for queue in (self._jobs, self._pool):
+            while queue:
+                waiter = queue.popleft()
+                if not waiter.done():
+                    return waiter
+        return None
 
     @asynccontextmanager
     async def for_pool(self) -> AsyncIterator[None]:
-        """Hold a slot while the warm pool starts an idle actor (only when no job waits)."""
-        async with self._changed:
-            await self._changed.wait_for(lambda: self._in_use < self.limit and not self._jobs_waiting)
-            self._in_use += 1
+        """Hold a slot while the warm pool starts an idle actor."""
+        await self.acquire(job=False)
         try:
             yield
         finally:
-            await self._release()
-
-    async def _release(self) -> None:
-        async with self._changed:
-            self._in_use -= 1
-            self._changed.notify_all()
+            self.release()

@@ -16,6 +16,7 @@ import logging
 import random
 import time
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 import ray
@@ -87,6 +88,8 @@ EXPLICIT_ENDS = frozenset({Cause.USER_SHUTDOWN, Cause.ROOM_DELETED, Cause.SUPERV
 ABNORMAL_ENDS = frozenset({Cause.ACTOR_CRASHED, Cause.ENTRYPOINT_ERROR, Cause.UNRESPONSIVE, Cause.MEMORY_LIMIT,
                            Cause.NODE_LOST, Cause.CONNECT_FAILED})
 """Ends after which a ``transient`` job is restarted."""
+CLUSTER_CPUS_REFRESH = 10.0
+"""Seconds between two reads of the cluster's CPU count (the default start-slot limit)."""
 SLOT_CHECK_INTERVAL = 1.0
 """Seconds between two looks for ``rayvisor_slot`` nodes while none has been seen."""
 PING_JITTER = 0.1
@@ -124,7 +127,8 @@ class Supervisor:
         self._slots_seen = False
         self._slots_next_check = 0.0
         self._livekit = LiveKitDispatch(self, self._store, self._tasks)
-        self._start_slots = StartSlots(opts.max_concurrent_starts or max(1, int(ray.cluster_resources().get("CPU", 1))))
+        self._cluster_cpus, self._cpus_read_at = 1, -CLUSTER_CPUS_REFRESH
+        self._start_slots = StartSlots(lambda: self._settings.max_concurrent_starts or self._cluster_cpu_count())
         self._agents[opts.agent_name] = opts
         if ray.get_runtime_context().was_current_actor_reconstructed:
             # Ray restarted us (max_restarts=-1): take the jobs of the previous incarnation back.
@@ -167,6 +171,13 @@ class Supervisor:
         return JobActorHandle.create(name=JOB_ACTOR_PREFIX + suffix, opts=opts,
                                      supervisor=ray.get_runtime_context().current_actor, namespace=self._namespace,
                                      slot=self._slots_in_use())
+
+    def _cluster_cpu_count(self) -> int:
+        """The cluster's CPUs, re-read now and then: nodes come and go."""
+        if time.monotonic() - self._cpus_read_at >= CLUSTER_CPUS_REFRESH:
+            self._cpus_read_at = time.monotonic()
+            self._cluster_cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        return self._cluster_cpus
 
     def _slots_in_use(self) -> bool:
         """Whether the cluster's nodes advertise ``rayvisor_slot`` (then every job actor takes
@@ -250,7 +261,9 @@ class Supervisor:
             return
         logger.warning("recovering job %s (%s) after a supervisor restart", record.id, record.state.value,
                        extra={"job_id": record.id, "room": record.spec.room})
-        supervised_task(self._run_job(record, opts, resume=handle or _GONE), name=f"job:{record.id}",
+        # A job still waiting for a start slot had no actor yet: it starts afresh.
+        queued = record.actor_name is None and record.state == JobState.STARTING
+        supervised_task(self._run_job(record, opts, resume=None if queued else handle or _GONE), name=f"job:{record.id}",
                         logger=logger, tasks=self._tasks)
         if record.state == JobState.SHUTTING_DOWN and record.deadline is not None:
             supervised_task(self._enforce_deadline(record, record.attempt, record.shutdown_budget),
@@ -657,10 +670,12 @@ class Supervisor:
         while True:
             # A cold start waits for a start slot (a few actors at a time start fast, many at
             # once all start slowly); its initialize_process_timeout runs from its turn.
-            slot = self._start_slots.for_job() if pooled is None and not opts.allow_pending else contextlib.nullcontext()
-            async with slot:
-                if record.kill_end is not None:  # killed while it waited for its turn
-                    return record.kill_end
+            cold = pooled is None and not opts.allow_pending
+            if cold and not await self._take_start_slot(record):
+                # Shut down (or killed) while it waited: it never had an actor, nothing ran.
+                return record.kill_end or AttemptEnd(JobState.SUCCEEDED, record.shutdown_trigger or Cause.USER_SHUTDOWN,
+                                                     record.reason)
+            async with self._start_slot_held(cold):
                 handle = pooled or self._new_actor(opts, record.id + (f"-{record.attempt}" if record.attempt > 1 else ""))
                 record.actor, record.actor_name = handle, handle.name
                 self._persist(record)
@@ -700,6 +715,34 @@ class Supervisor:
         else:
             self._persist(record)  # no transition follows: keep pid and node in the snapshot
         return await self._follow_attempt(record, handle, opts)
+
+    async def _take_start_slot(self, record: JobRecord) -> bool:
+        """Wait for a start slot; False (holding none) if the job is shut down or killed first."""
+        if record.state == JobState.SHUTTING_DOWN or record.kill_end is not None:
+            return False
+        slot = asyncio.ensure_future(self._start_slots.acquire(job=True))
+        stop = asyncio.ensure_future(record.shutdown_requested.wait())
+        try:
+            await asyncio.wait({slot, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            if not slot.done():
+                slot.cancel()  # a slot handed over meanwhile is passed on by acquire itself
+        await asyncio.gather(slot, return_exceptions=True)
+        if slot.cancelled():
+            return False
+        if record.state == JobState.SHUTTING_DOWN or record.kill_end is not None:
+            self._start_slots.release()
+            return False
+        return True
+
+    @contextlib.asynccontextmanager
+    async def _start_slot_held(self, cold: bool) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            if cold:
+                self._start_slots.release()
 
     def _job_start(self, record: JobRecord, opts: WorkerOptions) -> JobStart:
         """The attempt's start record. With LiveKit it carries the url and tokens minted here
@@ -819,7 +862,7 @@ class Supervisor:
         record.restarts += 1
         record.attempt += 1
         record.attempt_began = time.monotonic()
-        record.kill_end, record.killed = None, asyncio.Event()
+        record.kill_end, record.killed, record.shutdown_requested = None, asyncio.Event(), asyncio.Event()
         record.restart_times.append(time.monotonic())
         record.deadline = record.shutdown_trigger = record.shutdown_began = record.rss_mb = None
         record.cause, record.reason, record.error, record.pid = None, "", None, None
@@ -851,6 +894,7 @@ class Supervisor:
         budget = record.shutdown_budget
         record.deadline = time.monotonic() + budget
         record.shutdown_trigger, record.shutdown_began = cause, time.monotonic()
+        record.shutdown_requested.set()
         self._table.transition(record, JobState.SHUTTING_DOWN, cause=cause, reason=reason, error=error)
         if notify_actor and record.actor is not None:
             record.actor.request_shutdown(ShutdownRequest(cause=cause, reason=reason))
