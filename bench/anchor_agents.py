@@ -1,17 +1,13 @@
 """LiveKit Agents jobs for the benchmark (run in the LiveKit Agents venv, in its job processes).
 
-``ctx.job.metadata`` says what the job does; the behaviours match ``rayvisor_agents.py``.
+The behaviours are ``common.run_behaviour``, shared with ``rayvisor_agents.py``.
 """
 
 from __future__ import annotations
 
-import asyncio
-import os
-import time
-
 from livekit.agents import JobContext, JobProcess
 
-from common import mark
+from common import run_behaviour
 
 
 def prewarm(proc: JobProcess) -> None:
@@ -19,32 +15,4 @@ def prewarm(proc: JobProcess) -> None:
 
 
 async def entrypoint(ctx: JobContext) -> None:
-    behaviour = ctx.job.metadata
-    mark(ctx.job.id, "start")
-    if behaviour == "crash":
-        await asyncio.sleep(0.2)
-        mark(ctx.job.id, "crash")
-        os._exit(1)
-    if behaviour == "cooperative":
-        async def quick_callback() -> None:
-            await asyncio.sleep(0)
-
-        ctx.add_shutdown_callback(quick_callback)
-        return  # as agents usually do: the session runs on, the entrypoint returns
-    if behaviour == "callback_hangs":
-        async def hang() -> None:
-            await asyncio.Event().wait()
-
-        ctx.add_shutdown_callback(hang)
-        return
-    if behaviour == "ignores_cancellation":
-        await asyncio.sleep(3600)  # keeps working through the shutdown request until it is cancelled
-    if behaviour == "swallows_cancellation":
-        while True:
-            try:
-                await asyncio.sleep(3600)
-            except asyncio.CancelledError:
-                pass
-    if behaviour == "blocks_loop":
-        time.sleep(3600)
-    # "idle": the entrypoint returned; the job lives until it is shut down
+    await run_behaviour(ctx)

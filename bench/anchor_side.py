@@ -32,7 +32,7 @@ from livekit.agents.job import JobAcceptArguments, RunningJobInfo  # noqa: E402
 from livekit.protocol import agent, models  # noqa: E402
 
 import anchor_agents  # noqa: E402
-from common import BEHAVIOURS, MARKS_ENV, SHUTDOWN_BUDGET, SHUTDOWN_CAP, DENSITY_BUDGET_MIB, Marks, memory_mib, summary, wait_gone, write_json  # noqa: E402
+from common import MEMORY_SETTLE_SECONDS, BEHAVIOURS, MARKS_ENV, SHUTDOWN_BUDGET, SHUTDOWN_CAP, DENSITY_BUDGET_MIB, Marks, memory_mib, size_arguments, summary, wait_gone, write_json  # noqa: E402
 
 DEFAULT_IDLE = min(os.cpu_count() or 1, 4)
 """livekit-agents' production default for ``num_idle_processes`` (cores, at most 4)."""
@@ -104,7 +104,6 @@ class Anchor:
         infos = [job_info(behaviour) for _ in range(count)]
         await asyncio.gather(*(pool.launch_job(i) for i in infos))
         found = await asyncio.to_thread(self.marks.wait, [(i.job.id, "start") for i in infos], START_TIMEOUT)
-        await asyncio.sleep(0.3)  # past the entrypoint's first steps (a blocking one is now blocking)
         pids = [found[(i.job.id, "start")][1] for i in infos]
         procs = [pool.get_by_job_id(i.job.id) for i in infos]
         began = time.time()
@@ -135,7 +134,7 @@ class Anchor:
         for info in infos:
             await pool.launch_job(info)
         found = await asyncio.to_thread(self.marks.wait, [(i.job.id, "start") for i in infos], START_TIMEOUT)
-        await asyncio.sleep(1.0)  # settle
+        await asyncio.sleep(MEMORY_SETTLE_SECONDS)  # measured once the processes are idle
         memory = [memory_mib(found[(i.job.id, "start")][1]) for i in infos]
         await self.close_jobs(pool, [i.job.id for i in infos])
         return density_figures(memory)
@@ -214,12 +213,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--runs", type=int, default=20)
-    parser.add_argument("--bursts", type=int, default=3)
-    parser.add_argument("--burst-size", type=int, default=20)
-    parser.add_argument("--shutdown-jobs", type=int, default=20)
-    parser.add_argument("--density-jobs", type=int, default=20)
+    size_arguments(parser)
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
     figures = asyncio.run(run(args))

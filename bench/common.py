@@ -29,6 +29,8 @@ SHUTDOWN_BUDGET = 2.0
 SHUTDOWN_CAP = 20.0
 """How long the bench waits for a job process to go before it records ``> cap`` and kills it."""
 DENSITY_BUDGET_MIB = 8 * 1024
+MEMORY_SETTLE_SECONDS = 1.0
+"""Idle time given to job processes before their memory is read (part of the method)."""
 
 
 def mark(job_id: str, event: str) -> None:
@@ -129,3 +131,49 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     began = time.perf_counter()
     result = fn()
     return time.perf_counter() - began, result
+
+
+async def run_behaviour(ctx: Any) -> None:
+    """What a benchmark job does, by ``ctx.job.metadata``. Both systems' ``JobContext`` offer
+    the same ``job`` and ``add_shutdown_callback``, so one function serves both sides."""
+    import asyncio
+
+    behaviour = ctx.job.metadata
+    mark(ctx.job.id, "start")
+    if behaviour == "crash":
+        await asyncio.sleep(0.2)
+        mark(ctx.job.id, "crash")
+        os._exit(1)
+    if behaviour == "cooperative":
+        async def quick_callback() -> None:
+            await asyncio.sleep(0)
+
+        ctx.add_shutdown_callback(quick_callback)
+        return  # as agents usually do: the session runs on, the entrypoint returns
+    if behaviour == "callback_hangs":
+        async def hang() -> None:
+            await asyncio.Event().wait()
+
+        ctx.add_shutdown_callback(hang)
+        return
+    if behaviour == "ignores_cancellation":
+        await asyncio.sleep(3600)  # keeps working through the shutdown request until it is cancelled
+    if behaviour == "swallows_cancellation":
+        while True:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                pass
+    if behaviour == "blocks_loop":
+        time.sleep(3600)
+    # "idle": the entrypoint returned; the job lives until it is shut down
+
+
+def size_arguments(parser: Any) -> None:
+    """The sizes both sides take (``run.py`` passes the same values to both)."""
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--bursts", type=int, default=3)
+    parser.add_argument("--burst-size", type=int, default=20)
+    parser.add_argument("--shutdown-jobs", type=int, default=20)
+    parser.add_argument("--density-jobs", type=int, default=20)

@@ -25,7 +25,7 @@ from ray import cloudpickle  # noqa: E402
 import common  # noqa: E402
 import rayvisor  # noqa: E402
 import rayvisor_agents  # noqa: E402
-from common import BEHAVIOURS, MARKS_ENV, SHUTDOWN_BUDGET, SHUTDOWN_CAP, DENSITY_BUDGET_MIB, Marks, memory_mib, summary, wait_gone, write_json  # noqa: E402
+from common import MEMORY_SETTLE_SECONDS, BEHAVIOURS, MARKS_ENV, SHUTDOWN_BUDGET, SHUTDOWN_CAP, DENSITY_BUDGET_MIB, Marks, memory_mib, size_arguments, summary, wait_gone, write_json  # noqa: E402
 from rayvisor import JobSpec, JobState  # noqa: E402
 
 cloudpickle.register_pickle_by_value(common)  # job actors do not have bench/ on their path
@@ -94,7 +94,6 @@ class Rayvisor:
         client = self.serve()
         ids = [self.submit(client, behaviour) for _ in range(count)]
         found = self.marks.wait([(j, "start") for j in ids], START_TIMEOUT)
-        time.sleep(0.3)  # past the entrypoint's first steps (a blocking one is now blocking)
         pids = [found[(j, "start")][1] for j in ids]
         began = time.time()
         asked = {}
@@ -118,7 +117,7 @@ class Rayvisor:
     def density(self, client: rayvisor.Client, count: int) -> tuple[dict[str, Any], list[str]]:
         ids = [self.submit(client, "idle") for _ in range(count)]
         found = self.marks.wait([(j, "start") for j in ids], START_TIMEOUT)
-        time.sleep(1.0)
+        time.sleep(MEMORY_SETTLE_SECONDS)  # measured once the processes are idle
         memory = [memory_mib(found[(j, "start")][1]) for j in ids]
         pss = sorted(m[0] for m in memory)
         rss = sorted(m[1] for m in memory)
@@ -193,12 +192,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--runs", type=int, default=20)
-    parser.add_argument("--bursts", type=int, default=3)
-    parser.add_argument("--burst-size", type=int, default=20)
-    parser.add_argument("--shutdown-jobs", type=int, default=20)
-    parser.add_argument("--density-jobs", type=int, default=20)
+    size_arguments(parser)
     parser.add_argument("--control-jobs", type=int, default=100)
     parser.add_argument("--query-seconds", type=float, default=3.0)
     args = parser.parse_args()

@@ -147,9 +147,16 @@ async def run_until_done(runner: JobRunner, timeout: float = 10.0):
     return await asyncio.wait_for(runner.wait_done(), timeout)
 
 
-async def settle() -> None:
-    for _ in range(20):
-        await asyncio.sleep(0.01)
+EVENTUALLY_TIMEOUT = 5.0
+
+
+async def eventually(predicate, timeout: float = EVENTUALLY_TIMEOUT) -> None:
+    """Yield to the loop until ``predicate()`` holds; fail after ``timeout`` seconds."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await asyncio.sleep(0.005)
 
 
 def test_connect_joins_with_the_jobs_url_and_token_and_sees_who_is_there(scripted: type[ScriptedRoom]) -> None:
@@ -204,7 +211,7 @@ def test_rtc_events_reach_the_entrypoint_with_livekit_names_and_one_object_per_i
     async def main():
         runner = runner_for(entrypoint, end_when="never")
         runner.start()
-        await settle()
+        await eventually(runner.ctx.room.isconnected)
         rtc_room = scripted.instances[0]
         bob = FakeParticipant("bob", SIP, name="Bob")
         rtc_room.join(bob)
@@ -216,7 +223,7 @@ def test_rtc_events_reach_the_entrypoint_with_livekit_names_and_one_object_per_i
                                                       participant=bob, topic="chat"))
         rtc_room.emit("track_subscribed", "audio-track", FakePublication(rtc.TrackKind.KIND_AUDIO), bob)
         rtc_room.leave("bob")
-        await settle()
+        await eventually(lambda: ("disconnected", "bob") in events)
         runner.request_shutdown(Cause.USER_SHUTDOWN, "test over")
         return await asyncio.wait_for(runner.wait_done(), 10)
 
@@ -240,7 +247,7 @@ def test_the_last_standard_participant_leaving_ends_the_job_room_empty(scripted:
     async def main():
         runner = runner_for(entrypoint)
         runner.start()
-        await settle()
+        await eventually(runner.ctx.room.isconnected)
         scripted.instances[0].leave("alice")
         return await asyncio.wait_for(runner.wait_done(), 10)
 
@@ -256,7 +263,7 @@ def test_room_deleted_by_the_server_ends_the_job_room_deleted(scripted: type[Scr
     async def main():
         runner = runner_for(entrypoint)
         runner.start()
-        await settle()
+        await eventually(runner.ctx.room.isconnected)
         scripted.instances[0].emit("disconnected", rtc.DisconnectReason.ROOM_DELETED)
         return await asyncio.wait_for(runner.wait_done(), 10)
 
@@ -297,10 +304,10 @@ def test_text_streams_reach_handlers_registered_before_connect(scripted: type[Sc
     async def main():
         runner = runner_for(entrypoint, end_when="never")
         runner.start()
-        await settle()
+        await eventually(runner.ctx.room.isconnected)
         rtc_room = scripted.instances[0]
         rtc_room.text_handlers["chat"](FakeTextReader("hi agent", "chat"), "alice")
-        await settle()
+        await eventually(lambda: received)
         runner.request_shutdown(Cause.USER_SHUTDOWN)
         await asyncio.wait_for(runner.wait_done(), 10)
 
@@ -320,7 +327,7 @@ def test_audio_only_subscribes_to_audio_tracks_only(scripted: type[ScriptedRoom]
     async def main():
         runner = runner_for(entrypoint, end_when="never")
         runner.start()
-        await settle()
+        await eventually(runner.ctx.room.isconnected)
         rtc_room = scripted.instances[0]
         alice = rtc_room.remote_participants["alice"]
         rtc_room.emit("track_published", audio, alice)

@@ -426,8 +426,8 @@ def test_a_job_shut_down_while_waiting_for_a_start_slot_ends_at_once_without_an_
                    end_when="never")
     first = client.submit(room="holds-the-slot")
     client.wait_for_state(first, JobState.STARTING, timeout=10)
-    queued = client.submit(room="waits-its-turn")
-    time.sleep(0.3)
+    queued = client.submit(room="waits-its-turn")  # STARTING, behind the first job's slot
+    client.wait_for_state(queued, JobState.STARTING, timeout=10)
     asked = time.monotonic()
     client.shutdown(queued, reason="not needed after all")
     info = client.wait(queued, timeout=10)
