@@ -8,7 +8,7 @@ import threading
 import time
 
 import pytest
-from support import process_alive, wait_until
+from support import job_actor_names, process_alive, wait_until
 
 from rayvisor import Cause, JobContext, JobSpec, JobState, rtc
 from rayvisor.errors import AtCapacity, Draining, JobRejected
@@ -434,3 +434,19 @@ def test_a_job_shut_down_while_waiting_for_a_start_slot_ends_at_once_without_an_
     assert time.monotonic() - asked < 1.0  # not after the first job's 3 s start
     assert (info.state, info.cause, info.pid) == (JobState.SUCCEEDED, Cause.USER_SHUTDOWN, None)
     assert client.wait_for_state(first, JobState.RUNNING, timeout=30).state == JobState.RUNNING
+
+
+def test_a_job_shut_down_while_its_actor_starts_ends_at_once_and_its_actor_is_gone(serve, namespace):
+    """Until its actor has started no entrypoint ran: nothing graceful to wait for."""
+    client = serve(waits, prewarm_fnc=slower_prewarm, initialize_process_timeout=20, shutdown_process_timeout=10,
+                   end_when="never")
+    job_id = client.submit(room="still-starting")
+    wait_until(lambda: job_actor_names(namespace), timeout=10)  # its actor exists and runs prewarm_fnc
+    asked = time.monotonic()
+    client.shutdown(job_id, reason="not needed after all")
+
+    info = client.wait(job_id, timeout=10)
+
+    assert time.monotonic() - asked < 1.0  # neither the 3 s prewarm nor the 10 s budget
+    assert (info.state, info.cause, info.pid) == (JobState.SUCCEEDED, Cause.USER_SHUTDOWN, None)
+    wait_until(lambda: not job_actor_names(namespace), timeout=10)

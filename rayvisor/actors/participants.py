@@ -248,8 +248,9 @@ class ParticipantManager:
                       f"or set isolate_participants=False): {type(err).__name__}: {err}")
             return
         child.handle = handle
-        if child.stop_requested.is_set():  # stopped while we were creating it
-            handle.stop.remote(encode(ParticipantStop(cause=child.stop_cause or ParticipantCause.JOB_ENDED)))
+        if child.stop_requested.is_set():  # stopped (and ended) while we were creating it
+            _kill(handle)
+            return
         self._changed()
         try:
             started = decode(await asyncio.wait_for(
@@ -257,6 +258,9 @@ class ParticipantManager:
         except (RayActorError, RayTaskError, asyncio.TimeoutError) as err:
             _kill(handle)
             self._end(child, ParticipantActorState.FAILED, ParticipantCause.START_FAILED, str(err) or "start timed out")
+            return
+        if child.state in ENDED:  # stopped while it started: its entrypoint must not run
+            _kill(handle)
             return
         child.pid, child.node_id = started.pid, started.node_id
         held, child.pending = child.pending or [], None
@@ -311,8 +315,14 @@ class ParticipantManager:
         """Ask the child to stop; kill it if it has not finished within ``timeout``."""
         if child.state in ENDED and child.finished.is_set():
             return
+        never_ran = child.pid is None and child.task is None and child.state not in ENDED
         child.stop_cause = child.stop_cause or cause
         child.stop_requested.set()
+        if never_ran:  # its entrypoint has not run (``run`` follows ``start``): nothing to wait for
+            if child.handle is not None:
+                _kill(child.handle)
+            self._end(child, ParticipantActorState.STOPPED, child.stop_cause, None)
+            return
         if child.state not in ENDED:
             child.state = ParticipantActorState.STOPPING
             self._changed()

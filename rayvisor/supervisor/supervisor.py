@@ -39,6 +39,7 @@ from ..errors import (
 from ..logs import configure as configure_logging
 from ..messages import (
     Ack,
+    ActorStarted,
     AgentNameRequest,
     AttemptInfo,
     Cause,
@@ -679,9 +680,6 @@ class Supervisor:
                 handle = pooled or self._new_actor(opts, record.id + (f"-{record.attempt}" if record.attempt > 1 else ""))
                 record.actor, record.actor_name = handle, handle.name
                 self._persist(record)
-                if record.state == JobState.SHUTTING_DOWN:  # shut down before it started: no entrypoint runs
-                    handle.request_shutdown(ShutdownRequest(cause=record.cause or Cause.USER_SHUTDOWN,
-                                                            reason=record.reason))
                 try:
                     if pooled is None and opts.allow_pending:
                         try:
@@ -690,7 +688,11 @@ class Supervisor:
                             handle.kill()
                             return AttemptEnd(JobState.REJECTED, Cause.NO_CAPACITY, error=(
                                 f"no node could take the job within pending_timeout={opts.pending_timeout}s"))
-                    started = await handle.start(start, opts.initialize_process_timeout)
+                    started = await self._start_unless_shut_down(record, handle, start, opts)
+                    if started is None:  # shut down before its entrypoint ran: nothing to wait for
+                        handle.kill()
+                        return record.kill_end or AttemptEnd(
+                            JobState.SUCCEEDED, record.shutdown_trigger or Cause.USER_SHUTDOWN, record.reason)
                     break
                 except (ActorGone, StartError, asyncio.TimeoutError) as err:
                     handle.kill()
@@ -715,6 +717,24 @@ class Supervisor:
         else:
             self._persist(record)  # no transition follows: keep pid and node in the snapshot
         return await self._follow_attempt(record, handle, opts)
+
+    async def _start_unless_shut_down(self, record: JobRecord, handle: JobActorHandle, start: JobStart,
+                                      opts: WorkerOptions) -> ActorStarted | None:
+        """Start the attempt's actor; None if the job is shut down first. Until ``start``
+        returns no entrypoint has run (``run`` comes after), so there is nothing graceful to
+        wait for: the caller kills the actor at once instead of letting the budget run out."""
+        if record.shutdown_requested.is_set():
+            return None
+        starting = asyncio.ensure_future(handle.start(start, opts.initialize_process_timeout))
+        stop = asyncio.ensure_future(record.shutdown_requested.wait())
+        try:
+            await asyncio.wait({starting, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+        if starting.done():
+            return starting.result()
+        starting.cancel()
+        return None
 
     async def _take_start_slot(self, record: JobRecord) -> bool:
         """Wait for a start slot; False (holding none) if the job is shut down or killed first."""
