@@ -289,8 +289,9 @@ def build_cli(opts: WorkerOptions | None = None) -> click.Group:
     def room_join(room_name: str, identity: str, kind: str, attributes: tuple[str, ...], metadata: str,
                   address: str, namespace: str) -> None:
         with _errors_as_messages():
+            parsed = _parse_attributes(attributes)  # before connecting: a typo is not "Ray unreachable"
             local_rooms(address, namespace=namespace).join(
-                room_name, identity, kind=KINDS[kind], attributes=_parse_attributes(attributes), metadata=metadata)
+                room_name, identity, kind=KINDS[kind], attributes=parsed, metadata=metadata)
             click.echo(f"{identity} joined {room_name}")
 
     @room.command("leave", help="IDENTITY leaves ROOM.")

@@ -44,7 +44,7 @@ class Record(BaseModel):
     invalid_error: ClassVar[type[RayvisorError]] = MessageError
 
     @classmethod
-    def build(cls, **fields: Any) -> "Record":
+    def build(cls, /, **fields: Any) -> "Record":
         """Construct and validate, raising the record's typed error instead of pydantic's."""
         try:
             return cls(**fields)
@@ -105,7 +105,7 @@ def decode(data: Any, *expected: type[R]) -> R:
         raise MessageError(f"not a msgpack message: {type(err).__name__}: {err}") from None
     if not isinstance(envelope, dict) or set(envelope) != {"v", "type", "body"}:
         raise MessageError("not a rayvisor envelope (expected keys v, type, body)")
-    if envelope["v"] != PROTOCOL_VERSION:
+    if type(envelope["v"]) is not int or envelope["v"] != PROTOCOL_VERSION:  # not True, not 1.0
         raise UnsupportedVersion(
             f"message version {envelope['v']!r} is not supported (this build speaks {PROTOCOL_VERSION})"
         )
@@ -236,7 +236,7 @@ class JobSpec(Record):
     """LiveKit only: the room token to join with (default: one the supervisor mints)."""
     origin: JobOrigin = Field(default=JobOrigin.CLIENT, strict=False)
 
-    def __init__(self, **fields: Any) -> None:
+    def __init__(self, /, **fields: Any) -> None:
         try:
             super().__init__(**fields)
         except ValidationError as err:
@@ -416,7 +416,7 @@ class JobInfo(Record):
     node_id: str | None = None
     restarts: int = 0
     attempts: list[AttemptInfo] = []
-    """Earlier attempts of a restarted job, each with its cause."""
+    """Every attempt that ended, in order, each with its cause (the last is the job's own end)."""
     participants: list[str] = []
     participant_actors: list[ParticipantActorInfo] = []
     """Child actors of participant entrypoints, current and ended (crashes keep their error)."""

@@ -26,6 +26,8 @@ async def echo_or_hang(ctx: JobContext) -> None:
     async def cleanup() -> None:
         if ctx.job.metadata == "hang":
             await asyncio.Event().wait()
+        if ctx.job.metadata == "brief":
+            await asyncio.sleep(0.1)
 
     ctx.add_shutdown_callback(cleanup)
     ctx.room.register_text_stream_handler("chat", on_chat)
@@ -101,3 +103,18 @@ def test_a_new_supervisor_does_not_take_over_what_a_removed_one_left_behind(serv
 
     assert fresh.list() == []
     wait_until(lambda: not process_alive(job_pid), timeout=10)  # its orphaned job actor is reaped
+
+
+def test_a_shutdown_that_finished_while_the_supervisor_was_down_is_not_recorded_as_a_kill(serve, rooms, namespace):
+    """The deadline passes while no supervisor watches, but the job finished in time."""
+    client = serve(echo_or_hang, shutdown_process_timeout=0.5)  # shorter than a supervisor restart
+    job_id, _user, job_pid = start_job(client, rooms, "finishes-alone", metadata="brief")
+    old_pid = supervisor_pid(namespace)
+    client.shutdown(job_id, reason="closing")  # SHUTTING_DOWN is recorded; the outcome is not collected yet
+
+    os.kill(old_pid, signal.SIGKILL)
+
+    client = rayvisor.connect(namespace=namespace)
+    info = client.wait(job_id, timeout=30)
+    assert (info.state, info.cause) == (JobState.SUCCEEDED, Cause.USER_SHUTDOWN), info.error
+    wait_until(lambda: not process_alive(job_pid), timeout=10)

@@ -29,6 +29,20 @@ class AutoSubscribe(str, enum.Enum):
     VIDEO_ONLY = "video_only"
 
 
+MAX_TOKEN_TTL = 366 * 24 * 3600.0
+"""Longest ``token_ttl`` accepted (a JWT's expiry must stay a representable date)."""
+
+
+def _finite_number(value: object) -> bool:
+    """An int or float (not a bool) that is finite as a float (huge ints are not)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
+
+
 @dataclass(frozen=True, kw_only=True)
 class WorkerPermissions:
     """What the agent participant may do in its room (livekit-agents' ``WorkerPermissions``):
@@ -96,6 +110,10 @@ class WorkerOptions:
     callbacks, disconnect. When it is spent the job's actor is killed."""
     initialize_process_timeout: float = 10.0
     """Bound (seconds) on creating the job's actor, loading the agent and running ``prewarm_fnc``."""
+    failover_outcome_grace: float = 1.0
+    """A restarted supervisor finds a job whose shutdown deadline passed while no supervisor
+    watched: the job gets this long (seconds) to hand over an outcome it may already hold
+    (its shutdown finished in time) before it is killed with ``shutdown_timeout``."""
     end_when: EndWhen = EndWhen.ROOM_EMPTY
     """Which room condition ends a job on its own (see ``EndWhen``)."""
 
@@ -224,10 +242,13 @@ class WorkerOptions:
                      "drain_timeout", "ping_interval", "ping_timeout", "memory_check_interval",
                      "memory_warn_interval", "pool_rate_window", "pool_backoff_initial", "pool_backoff_max",
                      "token_ttl", "room_connect_timeout", "worker_status_interval", "assignment_timeout",
-                     "reconnect_initial_delay", "reconnect_max_delay", "worker_heartbeat_interval"):
+                     "reconnect_initial_delay", "reconnect_max_delay", "worker_heartbeat_interval",
+                     "failover_outcome_grace"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            if not _finite_number(value) or value <= 0:
                 raise InvalidAgent(f"{name} must be a positive number of seconds, got {value!r}")
+        if self.token_ttl > MAX_TOKEN_TTL:
+            raise InvalidAgent(f"token_ttl must be at most {MAX_TOKEN_TTL:g} s (a year), got {self.token_ttl!r}")
         if not isinstance(self.max_concurrent_starts, int) or self.max_concurrent_starts < 0:
             raise InvalidAgent(f"max_concurrent_starts must be a non-negative integer, got {self.max_concurrent_starts!r}")
         for name in ("max_metadata_bytes", "finished_job_history", "event_history"):
@@ -252,15 +273,15 @@ class WorkerOptions:
             raise InvalidAgent(f"max_jobs must be a positive integer or None, got {self.max_jobs!r}")
         for name in ("job_memory_warn_mb", "job_memory_limit_mb"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            if not _finite_number(value) or value < 0:
                 raise InvalidAgent(f"{name} must be a non-negative number of MiB, got {value!r}")
         if not (isinstance(self.num_idle_actors, int) and isinstance(self.max_idle_actors, int)
                 and 0 <= self.num_idle_actors <= self.max_idle_actors):
             raise InvalidAgent("need 0 <= num_idle_actors <= max_idle_actors (integers)")
         if not isinstance(self.max_restarts, int) or self.max_restarts < 0:
             raise InvalidAgent(f"max_restarts must be a non-negative integer, got {self.max_restarts!r}")
-        if not all(isinstance(k, str) and isinstance(v, (int, float)) and math.isfinite(v) and v >= 0
-                   for k, v in self.job_resources.items()):
+        if not isinstance(self.job_resources, dict) or not all(
+                isinstance(k, str) and _finite_number(v) and v >= 0 for k, v in self.job_resources.items()):
             raise InvalidAgent("job_resources must map resource names to non-negative amounts")
         self._validate_livekit()
 

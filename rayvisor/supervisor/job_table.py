@@ -85,6 +85,8 @@ class JobRecord:
     """What started the current attempt's shutdown (``cause`` may later say shutdown_timeout)."""
     deadline: float | None = None
     """Monotonic time at which a SHUTTING_DOWN job is killed."""
+    deadline_task: asyncio.Task[Any] | None = None
+    """The task that enforces ``deadline``; cancelled when the attempt ends first."""
     actor: Any = None
     """The current attempt's ``JobActorHandle``."""
     actor_name: str | None = None

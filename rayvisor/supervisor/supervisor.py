@@ -267,8 +267,10 @@ class Supervisor:
         supervised_task(self._run_job(record, opts, resume=None if queued else handle or _GONE), name=f"job:{record.id}",
                         logger=logger, tasks=self._tasks)
         if record.state == JobState.SHUTTING_DOWN and record.deadline is not None:
-            supervised_task(self._enforce_deadline(record, record.attempt, record.shutdown_budget),
-                            name=f"deadline:{record.id}", logger=logger, tasks=self._tasks)
+            # A deadline that passed while no supervisor watched: the job may have finished
+            # its shutdown and be holding its outcome; it gets a moment to hand it over.
+            record.deadline = max(record.deadline, time.monotonic() + opts.failover_outcome_grace)
+            self._arm_deadline(record)
 
     # -- admission --------------------------------------------------------------------
 
@@ -649,6 +651,7 @@ class Supervisor:
                 self._restart(record, end)
         except Exception as err:
             logger.exception("driving job %s failed", record.id, extra={"job_id": record.id})
+            self._disarm_deadline(record)
             if record.actor is not None:
                 record.actor.kill()
             if not record.is_terminal:
@@ -879,6 +882,7 @@ class Supervisor:
 
     def _restart(self, record: JobRecord, end: AttemptEnd) -> None:
         """Same job id, new attempt on a new actor: it rejoins its room."""
+        self._disarm_deadline(record)
         record.restarts += 1
         record.attempt += 1
         record.attempt_began = time.monotonic()
@@ -894,6 +898,7 @@ class Supervisor:
         self._table.transition(record, JobState.STARTING, reason=f"restart after {end.cause.value}")
 
     def _finish(self, record: JobRecord, end: AttemptEnd) -> None:
+        self._disarm_deadline(record)
         if record.is_terminal:
             return
         if end.state == JobState.SUCCEEDED and record.state != JobState.SHUTTING_DOWN:
@@ -918,8 +923,20 @@ class Supervisor:
         self._table.transition(record, JobState.SHUTTING_DOWN, cause=cause, reason=reason, error=error)
         if notify_actor and record.actor is not None:
             record.actor.request_shutdown(ShutdownRequest(cause=cause, reason=reason))
-        supervised_task(self._enforce_deadline(record, record.attempt, budget), name=f"deadline:{record.id}",
-                        logger=logger, tasks=self._tasks)
+        self._arm_deadline(record)
+
+    def _arm_deadline(self, record: JobRecord) -> None:
+        self._disarm_deadline(record)
+        record.deadline_task = supervised_task(
+            self._enforce_deadline(record, record.attempt, record.shutdown_budget), name=f"deadline:{record.id}",
+            logger=logger, tasks=self._tasks)
+
+    @staticmethod
+    def _disarm_deadline(record: JobRecord) -> None:
+        """The attempt ended before its deadline: its timer must not outlive it (one per job)."""
+        if record.deadline_task is not None:
+            record.deadline_task.cancel()
+            record.deadline_task = None
 
     async def _enforce_deadline(self, record: JobRecord, attempt: int, budget: float) -> None:
         """Kill the attempt's actor when its graceful budget is spent, whatever its code does."""
