@@ -37,6 +37,10 @@ class SupervisorMetrics:
             "rayvisor_pool_prewarm_failures": (ray_metrics.Counter, ("worker_id", "agent")),
             "rayvisor_active_jobs": (ray_metrics.Gauge, ("worker_id",)),
             "rayvisor_idle_actors": (ray_metrics.Gauge, ("worker_id", "agent")),
+            "rayvisor_supervisor_rss_bytes": (ray_metrics.Gauge, ("worker_id",)),
+            "rayvisor_job_records": (ray_metrics.Gauge, ("worker_id",)),
+            "rayvisor_stored_job_snapshots": (ray_metrics.Gauge, ("worker_id",)),
+            "rayvisor_supervisor_tasks": (ray_metrics.Gauge, ("worker_id",)),
         }
         for name, (kind, keys) in specs.items():
             self._ray[name] = self._make(kind, name, keys)
@@ -95,6 +99,14 @@ class SupervisorMetrics:
 
     def idle_actors(self, agent: str, count: int) -> None:
         self._set("rayvisor_idle_actors", count, agent=agent)
+
+    def footprint(self, *, rss_bytes: int, job_records: int, stored_snapshots: int, tasks: int) -> None:
+        """The supervisor's own size: memory, records kept (live + bounded history),
+        snapshots in Ray's KV, and background tasks. Flat over time, or something leaks."""
+        self._set("rayvisor_supervisor_rss_bytes", rss_bytes)
+        self._set("rayvisor_job_records", job_records)
+        self._set("rayvisor_stored_job_snapshots", stored_snapshots)
+        self._set("rayvisor_supervisor_tasks", tasks)
 
     def job_started(self, seconds: float) -> None:
         self._observe("rayvisor_job_start_seconds", seconds)

@@ -59,6 +59,9 @@ class SupervisorStore:
     def delete_job(self, job_id: str) -> None:
         internal_kv._internal_kv_del(JOB_PREFIX + job_id.encode(), namespace=self._ns)
 
+    def job_count(self) -> int:
+        return len(internal_kv._internal_kv_list(JOB_PREFIX, namespace=self._ns))
+
     def jobs(self) -> list[JobSnapshot]:
         snapshots = []
         for key in internal_kv._internal_kv_list(JOB_PREFIX, namespace=self._ns):

@@ -19,6 +19,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import psutil
 import ray
 
 from ..agents.job import make_job
@@ -457,6 +458,9 @@ class Supervisor:
 
     @endpoint(JobIdRequest)
     async def metrics(self, request: JobIdRequest) -> MetricsSnapshot:
+        self._metrics.footprint(rss_bytes=psutil.Process().memory_info().rss, job_records=len(self._table.all()),
+                                stored_snapshots=await asyncio.to_thread(self._store.job_count),
+                                tasks=len(self._tasks))
         return self._metrics.snapshot()
 
     @endpoint(DrainRequest)
