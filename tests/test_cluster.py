@@ -3,29 +3,20 @@ advertise ``rayvisor_slot``): placement, capacity, scale-out and node loss."""
 
 from __future__ import annotations
 
-import os
 import time
 from collections import Counter
 
 import pytest
 import ray
-from conftest import start_session_ray
-from ray.cluster_utils import Cluster
-from support import wait_until
+from support import ray_cluster, wait_until
 
 import rayvisor
 from rayvisor import Cause, JobContext, JobState
 from rayvisor.errors import AtCapacity
 
 SLOTS_PER_NODE = 2
-FAST_NODE_FAILURE_DETECTION = {
-    "RAY_health_check_period_ms": "500",
-    "RAY_health_check_failure_threshold": "3",
-    "RAY_health_check_timeout_ms": "500",
-    "RAY_health_check_initial_delay_ms": "0",
-}
 NODE_LOSS_BOUND = 1.1 + 1.0
-"""Ray declares a crashed node dead ~1.1 s after it stops with the settings above; rayvisor
+"""Ray declares a crashed node dead ~1.1 s after it stops (support.FAST_NODE_FAILURE_DETECTION); rayvisor
 then records its jobs node_lost at once. One second of margin for this 2-core machine."""
 
 
@@ -36,26 +27,9 @@ async def waits_in_its_room(ctx: JobContext) -> None:
 @pytest.fixture(scope="module")
 def cluster():
     """Swap the session's single-node Ray for a 1-head + 2-worker cluster, and back."""
-    ray.shutdown()
-    saved = {k: os.environ.get(k) for k in FAST_NODE_FAILURE_DETECTION}
-    os.environ.update(FAST_NODE_FAILURE_DETECTION)
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 1, "include_dashboard": False, "object_store_memory": 80_000_000})
-    for _ in range(2):
-        cluster.add_node(num_cpus=1, resources={"rayvisor_slot": SLOTS_PER_NODE}, object_store_memory=80_000_000)
-    ray.init(address=cluster.address, namespace="rayvisor-tests", log_to_driver=False)
-    cluster.wait_for_nodes()
-    try:
+    with ray_cluster(worker_nodes=2, node_args={"num_cpus": 1, "resources": {"rayvisor_slot": SLOTS_PER_NODE},
+                                                "object_store_memory": 80_000_000}) as cluster:
         yield cluster
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        start_session_ray()
 
 
 def worker_nodes() -> set[str]:
