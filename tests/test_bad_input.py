@@ -5,6 +5,9 @@ from __future__ import annotations
 import msgpack
 import pytest
 import ray
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from support import job_actor_names
 
 import rayvisor
 from rayvisor import JobContext, JobSpec, JobState, WorkerOptions
@@ -19,7 +22,7 @@ from rayvisor.errors import (
     UnknownAgent,
     UnsupportedVersion,
 )
-from rayvisor.messages import ErrorRecord, JobInfo, decode, decode_reply, encode
+from rayvisor.messages import ErrorRecord, JobIdRequest, JobInfo, decode, decode_reply, encode
 from rayvisor.supervisor.supervisor import SUPERVISOR_NAME
 
 
@@ -143,3 +146,69 @@ def test_decoder_rejects_oversized_and_wrongly_typed_records():
 def test_connect_without_a_supervisor_is_a_typed_error(namespace):
     with pytest.raises(rayvisor.errors.SupervisorNotFound):
         rayvisor.connect(namespace=namespace + "-nobody-here")
+
+
+# --------------------------------------------------------------------------- fuzzing the live wires
+
+_ENVELOPES = [encode(JobSpec(room="fuzz", metadata="m")), encode(JobIdRequest(job_id="RJ_fuzz")),
+              msgpack.packb({"v": 1, "type": "ParticipantRef", "body": {"room": "steady", "identity": "ghost"}})]
+
+
+@st.composite
+def wire_payloads(draw) -> bytes:
+    """Random bytes, random msgpack values, and valid envelopes truncated or with bytes flipped."""
+    kind = draw(st.sampled_from(["bytes", "msgpack", "mutated", "truncated"]))
+    if kind == "bytes":
+        return draw(st.binary(max_size=256))
+    if kind == "msgpack":
+        value = draw(st.recursive(
+            st.none() | st.booleans() | st.integers(-2**63, 2**64 - 1) | st.floats() | st.text(max_size=20)
+            | st.binary(max_size=20),
+            lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+            max_leaves=12))
+        return msgpack.packb(value, use_bin_type=True)
+    envelope = bytearray(draw(st.sampled_from(_ENVELOPES)))
+    if kind == "truncated":
+        return bytes(envelope[:draw(st.integers(0, len(envelope) - 1))])
+    for _ in range(draw(st.integers(1, 4))):
+        envelope[draw(st.integers(0, len(envelope) - 1))] = draw(st.integers(0, 255))
+    return bytes(envelope)
+
+
+FUZZED_SUPERVISOR_METHODS = ("submit", "status", "list_jobs", "shutdown", "metrics", "worker_status",
+                             "report_shutdown_started", "report_participants", "report_memory")
+"""Every supervisor endpoint that answers at once and whose valid form cannot stop everything
+(``stop``/``drain`` would, ``wait``/``events`` long-poll)."""
+FUZZED_ROOM_METHODS = ("join", "leave", "send", "set_attributes", "describe", "participants", "rooms")
+
+
+def assert_typed_answer(reply: bytes) -> None:
+    """An answer is a well-formed envelope: a record, or a typed error that is not a crash."""
+    envelope = msgpack.unpackb(reply, raw=False)
+    if envelope["type"] == "ErrorRecord":
+        assert envelope["body"]["code"] != "internal_error", envelope["body"]["message"]
+
+
+def test_random_bytes_on_every_wire_get_typed_answers_and_the_running_job_is_untouched(running, namespace):
+    from rayvisor.rooms.local import ROOM_SERVER_NAME
+
+    client, _user, job_id = running
+    supervisor = ray.get_actor(SUPERVISOR_NAME, namespace=namespace)
+    room_server = ray.get_actor(ROOM_SERVER_NAME, namespace=namespace)
+    job_actor = ray.get_actor(job_actor_names(namespace)[0], namespace=namespace)
+    tried = []
+
+    @settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    @given(payload=wire_payloads())
+    def every_wire(payload: bytes) -> None:
+        calls = [getattr(supervisor, m).remote(payload) for m in FUZZED_SUPERVISOR_METHODS]
+        calls += [getattr(room_server, m).remote(payload) for m in FUZZED_ROOM_METHODS]
+        calls.append(job_actor.relay.remote(payload))
+        for reply in ray.get(calls, timeout=30):  # a handler that raised would be a RayTaskError here
+            assert_typed_answer(reply)
+        tried.append(payload)
+
+    every_wire()
+
+    assert len(tried) == 300
+    assert client.status(job_id).state == JobState.RUNNING  # and the fixture checks it still echoes
