@@ -31,12 +31,20 @@ async def greeter(ctx: JobContext) -> None:
 
 async def reports_room_events(ctx: JobContext) -> None:
     """Forwards what the room facade sees to an observer, as text on topic "seen"."""
-    seen: list[str] = []
     first: dict[str, object] = {}
+    outbox: asyncio.Queue[str] = asyncio.Queue()
+
+    async def send_in_order() -> None:  # one sender: concurrent sends could reach the room out of order
+        while True:
+            await ctx.room.local_participant.send_text(await outbox.get(), topic="seen")
+            outbox.task_done()
+
+    async def flush_then_stop_sending() -> None:  # what was seen before shutdown still reaches the observer
+        await asyncio.wait_for(outbox.join(), timeout=2)
+        sender.cancel()
 
     def tell(text: str) -> None:
-        seen.append(text)
-        asyncio.create_task(ctx.room.local_participant.send_text(text, topic="seen"))
+        outbox.put_nowait(text)
 
     @ctx.room.on("participant_connected")
     def on_connected(p) -> None:
@@ -61,8 +69,10 @@ async def reports_room_events(ctx: JobContext) -> None:
         tell(f"disconnected:{p.identity}")
 
     await ctx.connect()
+    sender = asyncio.create_task(send_in_order())
+    ctx.add_shutdown_callback(flush_then_stop_sending)
     await ctx.room.local_participant.set_attributes({"agent.state": "listening"})
-    await ctx.room.local_participant.send_text("ready", topic="seen")
+    tell("ready")
 
 
 async def raises_after_connecting(ctx: JobContext) -> None:

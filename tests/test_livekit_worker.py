@@ -140,6 +140,7 @@ def test_a_bad_secret_is_refused_clearly_retried_with_backoff_and_breaks_nothing
     status = client.worker_status()
     assert status.state == BridgeState.REFUSED
     assert "HTTP 401" in status.last_error and "api_secret" in status.last_error
+    assert "not-the-secret" not in status.model_dump_json()  # named, never shown
     assert server.refused_registrations() - refused_before >= 3
     assert not [w for w in server.workers() if w.agent_name == agent_name]
     # Backoff, not a crash loop: 0.1 s doubling to 1 s allows only a handful of tries in 2 s.
@@ -342,6 +343,53 @@ def test_a_job_submitted_from_python_joins_with_a_minted_token_and_no_secret(
     assert agent.identity == f"agent-{job_id}"
     assert agent.attributes["secrets_seen"] == "0"
     assert agent.attributes["listed"] == f"agent-{job_id},alice"
+
+
+def test_the_api_secret_reaches_no_log_line_status_answer_or_job_process(
+        worker: Callable[..., rayvisor.Client], server: LocalLiveKitServer, agent_name: str, namespace: str) -> None:
+    """Every path that handles it runs (registration, minting, dispatch, a failing job, the
+    CLI); then every log file of the Ray session, every answer, and the job's process are
+    searched for the secret."""
+    from click.testing import CliRunner
+
+    from rayvisor.cli import build_cli
+
+    async def talkative(ctx: Any) -> None:
+        import logging
+
+        logging.getLogger("rayvisor.job").warning("job sees %r and %r", ctx.job, ctx.room.name)
+        await ctx.connect()
+        await ctx.room.local_participant.set_attributes({"pid": str(os.getpid())})
+        if ctx.job.metadata == "fail":
+            raise RuntimeError(f"failing on purpose with {ctx.job!r}")
+
+    secret = server.api_secret
+    client = worker(talkative)
+    server.add_participant("secret-room", "alice")
+    dispatched = dispatch(server, agent_name, "secret-room")
+    submitted = client.submit(JobSpec(room="secret-room-2", metadata="fail"))
+    agent = server.wait_for(lambda: (p := agent_in_room(server, "secret-room")) and "pid" in p.attributes and p,
+                            timeout=TIMEOUT)
+    assert client.wait(submitted, timeout=TIMEOUT).state == JobState.FAILED
+
+    job_process = Path(f"/proc/{agent.attributes['pid']}")
+    assert secret.encode() not in (job_process / "environ").read_bytes()
+    assert secret.encode() not in (job_process / "cmdline").read_bytes()
+    answers = [client.status(dispatched.id).model_dump_json(), client.status(submitted).model_dump_json(),
+               *(i.model_dump_json() for i in client.list()), client.worker_status().model_dump_json(),
+               client.metrics().model_dump_json(), *(e.model_dump_json() for e in client.events())]
+    runner = CliRunner()
+    for command in (["status", dispatched.id], ["jobs", "--json"], ["worker-status"], ["metrics"]):
+        result = runner.invoke(build_cli(), [*command, "--namespace", namespace], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        answers.append(result.output)
+    assert not [a for a in answers if secret in a]
+    server.remove_participant("secret-room", "alice")
+    client.wait(dispatched.id, timeout=TIMEOUT)
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path())
+    searched = [f for f in logs.rglob("*") if f.is_file()]
+    assert len(searched) > 10 and any(b"job sees" in f.read_bytes() for f in searched)  # the job's lines are there
+    assert [f.name for f in searched if secret.encode() in f.read_bytes()] == []
 
 
 def test_minted_tokens_are_scoped_to_the_jobs_room() -> None:

@@ -48,7 +48,7 @@ logger = logging.getLogger("rayvisor.client")
 
 DEFAULT_CALL_TIMEOUT = 10.0
 RETRY_INITIAL_DELAY = 0.05
-RETRY_MAX_DELAY = 1.0
+RETRY_MAX_DELAY = 0.25
 """Backoff between retries of an idempotent call while the supervisor restarts."""
 
 
