@@ -7,11 +7,13 @@ import os
 import signal
 import time
 
+import pytest
 import ray
 from support import process_alive, wait_until
 
 import rayvisor
 from rayvisor import Cause, JobContext, JobState, rtc
+from rayvisor.supervisor.store import AttemptEndRecord, SupervisorStore
 from rayvisor.supervisor.supervisor import SUPERVISOR_NAME
 
 AGENT = rtc.ParticipantKind.PARTICIPANT_KIND_AGENT
@@ -118,3 +120,28 @@ def test_a_shutdown_that_finished_while_the_supervisor_was_down_is_not_recorded_
     info = client.wait(job_id, timeout=30)
     assert (info.state, info.cause) == (JobState.SUCCEEDED, Cause.USER_SHUTDOWN), info.error
     wait_until(lambda: not process_alive(job_pid), timeout=10)
+
+
+@pytest.mark.parametrize("state,cause,error", [
+    (JobState.KILLED, Cause.SHUTDOWN_TIMEOUT, "budget spent"),  # it killed the job at its deadline
+    (JobState.SUCCEEDED, Cause.USER_SHUTDOWN, None),  # it collected the outcome, then removed the actor
+], ids=["deadline-kill", "outcome-collected"])
+def test_an_end_the_previous_supervisor_decided_is_recorded_as_that_end_not_as_a_crash(
+        serve, rooms, namespace, state, cause, error):
+    """The supervisor writes an attempt's end before it kills the actor. If it dies between
+    the kill and the transition, its successor finds the actor gone and must report that
+    end (found by the chaos suite: such jobs were reported ``actor_crashed``)."""
+    client = serve(echo_or_hang, shutdown_process_timeout=30)
+    job_id, _user, job_pid = start_job(client, rooms, "ended-then-orphaned", metadata="hang")
+    client.shutdown(job_id, reason="closing")  # its callback hangs: SHUTTING_DOWN for 30 s
+    store = SupervisorStore(namespace)
+    snapshot = next(s for s in store.jobs() if s.info.id == job_id)
+
+    # What the old supervisor leaves when it dies right after that kill:
+    os.kill(supervisor_pid(namespace), signal.SIGKILL)
+    end = AttemptEndRecord(state=state, cause=cause, reason="closing", error=error)
+    store.put_job(snapshot.model_copy(update={"attempt_end": end}))
+    os.kill(job_pid, signal.SIGKILL)
+
+    info = rayvisor.connect(namespace=namespace).wait(job_id, timeout=30)
+    assert (info.state, info.cause, info.error) == (state, cause, error)

@@ -16,13 +16,22 @@ from ray import cloudpickle
 from ray.experimental import internal_kv
 
 from ..agents.options import WorkerOptions
-from ..messages import Cause, JobInfo, JobSpec, Record, RestartPolicy, decode, encode, register
+from ..messages import Cause, JobInfo, JobSpec, JobState, Record, RestartPolicy, decode, encode, register
 
 logger = logging.getLogger("rayvisor.supervisor")
 
 JOB_PREFIX = b"job:"
 AGENT_PREFIX = b"agent:"
 BRIDGE_PREFIX = b"bridge:"
+
+
+class AttemptEndRecord(Record):
+    """An attempt's end as the supervisor decided it (``AttemptEnd`` on the wire)."""
+
+    state: JobState = Field(strict=False)
+    cause: Cause = Field(strict=False)
+    reason: str = ""
+    error: str | None = None
 
 
 @register
@@ -44,6 +53,9 @@ class JobSnapshot(Record):
     agent_participant_name: str = ""
     agent_attributes: dict[str, str] = {}
     agent_metadata: str = ""
+    attempt_end: AttemptEndRecord | None = None
+    """How the current attempt ended, written before the supervisor kills its actor (a kill,
+    or an outcome collected): a successor that finds the actor gone knows why."""
 
 
 class SupervisorStore:

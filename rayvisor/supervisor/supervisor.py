@@ -77,7 +77,7 @@ from .livekit_dispatch import LiveKitDispatch
 from .metrics import SupervisorMetrics
 from .pool import WarmPool
 from .start_slots import StartSlots
-from .store import JobSnapshot, SupervisorStore, monotonic_to_wall, wall_to_monotonic
+from .store import AttemptEndRecord, JobSnapshot, SupervisorStore, monotonic_to_wall, wall_to_monotonic
 from .worker_bridge import WorkerLoad
 
 logger = logging.getLogger("rayvisor.supervisor")
@@ -198,7 +198,10 @@ class Supervisor:
         self._persist(record)
         self._livekit.job_changed(record)
 
-    def _persist(self, record: JobRecord) -> None:
+    def _persist(self, record: JobRecord, *, attempt_end: AttemptEnd | None = None) -> None:
+        """Snapshot the record; ``attempt_end`` (or a kill's end) is the current attempt's
+        end when it is known before the transition that records it."""
+        attempt_end = attempt_end or record.kill_end
         self._store.put_job(JobSnapshot(
             info=record.info(), spec=record.spec, shutdown_budget=record.shutdown_budget,
             restart_policy=record.restart_policy, attempt=record.attempt, actor_name=record.actor_name,
@@ -206,6 +209,8 @@ class Supervisor:
             restart_times=[monotonic_to_wall(t) for t in record.restart_times],
             agent_identity=record.agent_identity, agent_participant_name=record.agent_participant_name,
             agent_attributes=record.agent_attributes, agent_metadata=record.agent_metadata,
+            attempt_end=None if attempt_end is None else AttemptEndRecord(
+                state=attempt_end.state, cause=attempt_end.cause, reason=attempt_end.reason, error=attempt_end.error),
         ))
 
     def _recover(self) -> None:
@@ -246,6 +251,10 @@ class Supervisor:
             agent_metadata=snap.agent_metadata,
         )
         record.restart_times.extend(wall_to_monotonic(t) for t in snap.restart_times)
+        if snap.attempt_end is not None and not info.state.is_terminal:  # ended, but not yet recorded
+            end = snap.attempt_end
+            record.kill_end = AttemptEnd(end.state, end.cause, end.reason, end.error)
+            record.killed.set()
         self._table.restore(record)
         if record.is_terminal:
             return
@@ -793,6 +802,10 @@ class Supervisor:
 
     async def _resume_attempt(self, record: JobRecord, handle: Any, opts: WorkerOptions) -> AttemptEnd:
         """Take back the attempt a previous supervisor was driving."""
+        if record.kill_end is not None:  # the previous supervisor ended it (the kill may not have landed)
+            if handle is not _GONE:
+                handle.kill()
+            return record.kill_end
         if handle is _GONE:
             return AttemptEnd(JobState.FAILED, await self._death_cause(record),
                               error="the job's actor was gone after a supervisor restart")
@@ -854,17 +867,21 @@ class Supervisor:
         if record.kill_end is not None:
             done.cancel()
             return record.kill_end
-        handle.kill()  # detached actors do not go away by themselves
         try:
             outcome = done.result()
         except ActorGone as err:
+            handle.kill()  # no restart, whatever Ray would do
             return AttemptEnd(JobState.FAILED, await self._death_cause(record), error=str(err))
         record.participant_actors = list(outcome.participant_actors)
         cause = record.shutdown_trigger or outcome.cause
         state = outcome.state
         if cause in ABNORMAL_ENDS and state == JobState.SUCCEEDED:  # a clean shutdown of a sick job
             state = JobState.FAILED
-        return AttemptEnd(state, cause, outcome.reason, outcome.error or (record.reason if state == JobState.FAILED else None))
+        end = AttemptEnd(state, cause, outcome.reason,
+                         outcome.error or (record.reason if state == JobState.FAILED else None))
+        self._persist(record, attempt_end=end)  # before the kill: a successor must not take it for a crash
+        handle.kill()  # detached actors do not go away by themselves
+        return end
 
     def _restart_decision(self, record: JobRecord, end: AttemptEnd, opts: WorkerOptions) -> Cause | None:
         """None: the job ends here. ``RESTART_LIMIT``: it would restart but may not.
@@ -973,6 +990,7 @@ class Supervisor:
         if record.kill_end is not None or record.is_terminal:
             return
         record.kill_end = AttemptEnd(JobState.KILLED, cause, record.reason, error)
+        self._persist(record)  # before the kill (kill_end is in it): a successor must not take it for a crash
         if record.actor is not None:
             record.actor.kill()
         self._metrics.killed(cause.value)
