@@ -304,15 +304,15 @@ def test_prewarm_runs_in_the_jobs_process_and_fills_proc_userdata(serve, rooms):
     assert model == f"loaded-in-{pid}"
 
 
-@pytest.mark.parametrize("prewarm,error", [
-    (failing_prewarm, "model file missing"),
-    (slow_prewarm, "initialize_process_timeout=1"),
+@pytest.mark.parametrize("prewarm,timeout,error", [
+    (failing_prewarm, 20, "model file missing"),  # ample: a busy machine must not turn this into a timeout
+    (slow_prewarm, 1, "initialize_process_timeout=1"),
 ], ids=["raises", "too_slow"])
-def test_job_whose_process_cannot_be_prepared_fails_with_start_failed(serve, rooms, prewarm, error):
-    client = serve(reports_userdata, prewarm_fnc=prewarm, initialize_process_timeout=1)
+def test_job_whose_process_cannot_be_prepared_fails_with_start_failed(serve, rooms, prewarm, timeout, error):
+    client = serve(reports_userdata, prewarm_fnc=prewarm, initialize_process_timeout=timeout)
     job_id = client.submit(room="cold")
 
-    info = client.wait(job_id, timeout=20)
+    info = client.wait(job_id, timeout=40)
 
     assert (info.state, info.cause) == (JobState.FAILED, Cause.START_FAILED)
     assert error in info.error

@@ -4,6 +4,7 @@ finished records (``finished_job_history``), and ``status`` keeps answering at o
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 
@@ -12,7 +13,8 @@ from rayvisor.errors import AtCapacity
 
 CAPACITY = 8
 HISTORY = 5
-CYCLES = 2
+CYCLES = int(os.environ.get("RAYVISOR_LOAD_CYCLES", "2"))
+"""Measured fill-hold-empty cycles; a soak sets ``RAYVISOR_LOAD_CYCLES=25`` (RELIABILITY.md)."""
 RSS_GROWTH_ALLOWED = 16 * 1024 * 1024
 """Bytes the supervisor's RSS may grow over the measured cycles (allocator noise, not jobs:
 a per-job leak of records, snapshots or tasks shows in the counts, which must be exact)."""

@@ -65,6 +65,9 @@ class ChaosConfig:
     supervisor_kill_spacing: float = 12.0
     """Least seconds between two supervisor kills (it needs to come back in between)."""
     node_kill_spacing: float = 15.0
+    scheduled_node_kills: bool = False
+    """Lose a node as soon as ``node_kill_spacing`` allows, instead of drawing node loss at
+    random among the faults: a short run is then sure to exercise it."""
     max_kills_per_job: int = 2
     quiet_after_fault: float = 2.0
     """A job that was just hit is left alone this long, so each fault's effect is attributable."""
@@ -202,12 +205,28 @@ def supervisor_pid(namespace: str) -> int | None:
     return entry["Pid"] if entry and entry["State"] == "ALIVE" else None
 
 
-def pid_alive(pid: int | None) -> bool:
-    if not pid:
-        return False
+ProcessIdentity = tuple[int, float]
+"""(pid, start time): the OS reuses PIDs (pid_max is 32768 here and every thread takes one),
+so a PID alone may name another process by the end of a long run."""
+
+
+def identify_actor_process(pid: int) -> ProcessIdentity | None:
+    """The identity of the live rayvisor actor process ``pid``, or None if there is none."""
     try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
+        proc = psutil.Process(pid)
+        if actor_class_of(" ".join(proc.cmdline())) in ACTOR_CLASSES:
+            return pid, proc.create_time()
+    except psutil.Error:
+        pass
+    return None
+
+
+def still_running(identity: ProcessIdentity) -> bool:
+    pid, started = identity
+    try:
+        proc = psutil.Process(pid)
+        return proc.create_time() == started and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
         return False
 
 
@@ -268,7 +287,9 @@ class ChaosRun:
         self._infos: dict[str, JobInfo] = {}
         self._last_supervisor_kill = -1e9
         self._last_node_kill = -1e9
-        self._seen_pids: set[int] = set()
+        self._looked_up: set[tuple[str, int]] = set()
+        """(job id, pid) pairs the probe has already identified."""
+        self._seen_processes: set[ProcessIdentity] = set()
 
     # -- setup ---------------------------------------------------------------------
 
@@ -325,9 +346,12 @@ class ChaosRun:
             job = self.jobs.get(info.id)
             if job is not None and info.state == JobState.RUNNING and job.running_since is None:
                 job.running_since = now
-            if info.pid:
-                self._seen_pids.add(info.pid)
-            self._seen_pids.update(p.pid for p in info.participant_actors if p.pid)
+            for pid in [info.pid, *(p.pid for p in info.participant_actors)]:
+                if pid and (info.id, pid) not in self._looked_up:
+                    self._looked_up.add((info.id, pid))
+                    identity = identify_actor_process(pid)
+                    if identity is not None:
+                        self._seen_processes.add(identity)
 
     def _live(self) -> list[ChaosJob]:
         return [j for j in self.jobs.values() if not self._state(j.id).is_terminal]
@@ -407,8 +431,14 @@ class ChaosRun:
             kinds.pop("supervisor")
         if self.cluster is None or now - self._last_node_kill < self.config.node_kill_spacing:
             kinds.pop("node")
-        for kind in self.rng.sample(list(kinds), k=len(kinds), counts=list(kinds.values())):
-            fault = getattr(self, f"_kill_{kind}")()
+        order = self.rng.sample(list(kinds), k=len(kinds), counts=list(kinds.values()))
+        if self.config.scheduled_node_kills and "node" in kinds:
+            order.insert(0, "node")
+        for kind in order:
+            try:
+                fault = getattr(self, f"_kill_{kind}")()
+            except ProcessLookupError:  # the victim ended on its own between the look and the kill
+                fault = None
             if fault is not None:
                 self.faults.append(fault)
                 self.report.faults[kind] = self.report.faults.get(kind, 0) + 1
@@ -446,6 +476,8 @@ class ChaosRun:
         if not candidates:
             return None
         job, child = self.rng.choice(candidates)
+        if identify_actor_process(child.pid) is None:  # ended since the probe; its PID may be another's now
+            return None
         os.kill(child.pid, signal.SIGKILL)
         job.quiet_until = time.monotonic() + self.config.quiet_after_fault
         return InjectedFault("participant_actor", time.time(), job_id=job.id, pid=child.pid,
@@ -463,10 +495,12 @@ class ChaosRun:
         if len(self.cluster.worker_nodes) < 2:
             return None
         victim = self.rng.choice(sorted(self.cluster.worker_nodes, key=lambda n: n.node_id))
+        self._probe()  # where every job is now, not a tick (or a supervisor restart) ago
         hit = []
         for job in self._live():
             info = self._infos.get(job.id)
-            if info is None:
+            if info is None:  # submitted after the probe: it may be placed there this instant
+                job.uncertain |= {Cause.NODE_LOST, Cause.START_FAILED, Cause.ACTOR_CRASHED}
                 continue
             on_victim = info.node_id == victim.node_id
             if info.state == JobState.RUNNING and on_victim and job.ended_by is None:
@@ -574,7 +608,7 @@ class ChaosRun:
         deadline = time.monotonic() + self.config.leak_timeout
         while True:
             in_ray, in_os = alive_rayvisor_actors(), rayvisor_processes()
-            leftovers = {p for p in self._seen_pids if pid_alive(p)}
+            leftovers = {pid for pid, started in self._seen_processes if still_running((pid, started))}
             job_actors = [p for p, cls in in_ray.items() if cls == "JobActor"]
             children = [p for p, cls in in_ray.items() if cls == "ParticipantActor"]
             agree = set(in_ray) == set(in_os)

@@ -37,7 +37,7 @@ def test_single_node_chaos_loses_nothing_and_leaks_nothing(namespace, tmp_path):
 @pytest.mark.timeout(600)
 def test_multi_node_chaos_with_node_loss_loses_nothing_and_leaks_nothing(namespace, tmp_path):
     node_args = {"num_cpus": 1, "resources": {"rayvisor_slot": SLOTS_PER_NODE}, "object_store_memory": 80_000_000}
-    config = ChaosConfig(seed=7, duration=45, node_kill_spacing=12)
+    config = ChaosConfig(seed=7, duration=45, node_kill_spacing=12, scheduled_node_kills=True)
     with ray_cluster(worker_nodes=2, node_args=node_args) as cluster:
         report = ChaosRun(config, namespace=namespace, workdir=tmp_path, cluster=cluster,
                           worker_node_args=node_args).run()
