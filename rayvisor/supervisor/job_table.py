@@ -91,7 +91,9 @@ class JobRecord:
     """The current attempt's ``JobActorHandle``."""
     actor_name: str | None = None
     kill_end: AttemptEnd | None = None
-    """Set when the supervisor killed the current attempt (deadline, unresponsive, memory)."""
+    """The current attempt's end when the supervisor kills its actor: its own kill (deadline,
+    unresponsive, memory), or after a failover the end its predecessor decided and
+    snapshotted before killing (``JobSnapshot.attempt_end``)."""
     killed: asyncio.Event = field(default_factory=asyncio.Event)
     shutdown_requested: asyncio.Event = field(default_factory=asyncio.Event)
     """Set when the current attempt is asked to shut down (a job still waiting to start gives up)."""

@@ -734,6 +734,19 @@ class Supervisor:
             self._persist(record)  # no transition follows: keep pid and node in the snapshot
         return await self._follow_attempt(record, handle, opts)
 
+    @staticmethod
+    async def _unless_shut_down(record: JobRecord, step: asyncio.Future[Any]) -> None:
+        """Wait for ``step`` unless the job is shut down first; then (or if the caller is
+        cancelled) ``step`` is cancelled. Returns once ``step`` has settled either way."""
+        stop = asyncio.ensure_future(record.shutdown_requested.wait())
+        try:
+            await asyncio.wait({step, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            if not step.done():
+                step.cancel()
+        await asyncio.gather(step, return_exceptions=True)
+
     async def _start_unless_shut_down(self, record: JobRecord, handle: JobActorHandle, start: JobStart,
                                       opts: WorkerOptions) -> ActorStarted | None:
         """Start the attempt's actor; None if the job is shut down first. Until ``start``
@@ -742,29 +755,15 @@ class Supervisor:
         if record.shutdown_requested.is_set():
             return None
         starting = asyncio.ensure_future(handle.start(start, opts.initialize_process_timeout))
-        stop = asyncio.ensure_future(record.shutdown_requested.wait())
-        try:
-            await asyncio.wait({starting, stop}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stop.cancel()
-        if starting.done():
-            return starting.result()
-        starting.cancel()
-        return None
+        await self._unless_shut_down(record, starting)
+        return None if starting.cancelled() else starting.result()
 
     async def _take_start_slot(self, record: JobRecord) -> bool:
         """Wait for a start slot; False (holding none) if the job is shut down or killed first."""
         if record.state == JobState.SHUTTING_DOWN or record.kill_end is not None:
             return False
         slot = asyncio.ensure_future(self._start_slots.acquire(job=True))
-        stop = asyncio.ensure_future(record.shutdown_requested.wait())
-        try:
-            await asyncio.wait({slot, stop}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stop.cancel()
-            if not slot.done():
-                slot.cancel()  # a slot handed over meanwhile is passed on by acquire itself
-        await asyncio.gather(slot, return_exceptions=True)
+        await self._unless_shut_down(record, slot)  # a slot handed over meanwhile is passed on by acquire
         if slot.cancelled():
             return False
         if record.state == JobState.SHUTTING_DOWN or record.kill_end is not None:
@@ -937,8 +936,7 @@ class Supervisor:
         if self._livekit.withdraw_offer(record, cause, reason):
             record.shutdown_trigger = cause
             return  # offered to LiveKit, never assigned: nothing runs, so nothing to shut down
-        budget = record.shutdown_budget
-        record.deadline = time.monotonic() + budget
+        record.deadline = time.monotonic() + record.shutdown_budget
         record.shutdown_trigger, record.shutdown_began = cause, time.monotonic()
         record.shutdown_requested.set()
         self._table.transition(record, JobState.SHUTTING_DOWN, cause=cause, reason=reason, error=error)
@@ -949,8 +947,7 @@ class Supervisor:
     def _arm_deadline(self, record: JobRecord) -> None:
         self._disarm_deadline(record)
         record.deadline_task = supervised_task(
-            self._enforce_deadline(record, record.attempt, record.shutdown_budget), name=f"deadline:{record.id}",
-            logger=logger, tasks=self._tasks)
+            self._enforce_deadline(record, record.attempt), name=f"deadline:{record.id}", logger=logger, tasks=self._tasks)
 
     @staticmethod
     def _disarm_deadline(record: JobRecord) -> None:
@@ -959,13 +956,13 @@ class Supervisor:
             record.deadline_task.cancel()
             record.deadline_task = None
 
-    async def _enforce_deadline(self, record: JobRecord, attempt: int, budget: float) -> None:
+    async def _enforce_deadline(self, record: JobRecord, attempt: int) -> None:
         """Kill the attempt's actor when its graceful budget is spent, whatever its code does."""
         while record.attempt == attempt and record.deadline is not None and not record.is_terminal:
             remaining = record.deadline - time.monotonic()
             if remaining <= 0:
                 self._kill_attempt(record, Cause.SHUTDOWN_TIMEOUT, (
-                    f"shutdown did not complete within shutdown_process_timeout={budget}s; the job's actor was killed"))
+                    f"shutdown did not complete within shutdown_process_timeout={record.shutdown_budget}s; the job's actor was killed"))
                 return
             await asyncio.sleep(remaining)
 
