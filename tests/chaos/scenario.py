@@ -60,6 +60,7 @@ class ChaosConfig:
     """Seconds of workload and faults; then every live job is shut down and checked."""
     max_live_jobs: int = 5
     tick: float = 0.2
+    """Seconds between two steps of the workload, and between two polls of any wait."""
     mean_fault_interval: float = 2.0
     """Mean seconds between two faults (exponentially distributed)."""
     supervisor_kill_spacing: float = 12.0
@@ -374,12 +375,15 @@ class ChaosRun:
         metadata = json.dumps({"kind": kind, "after": self.rng.uniform(*self.config.self_end_after),
                                "ledger": self.ledger.path, "hog_mb": self.config.hog_mb})
         spec = JobSpec(room=job.room, metadata=metadata, restart=restart, job_id=job.id)
+        give_up = time.monotonic() + self.config.probe_timeout
         while True:  # submit is idempotent by job id: retried across a supervisor restart
             try:
                 self.client.submit(spec)
                 break
             except SupervisorUnavailable:
-                time.sleep(0.2)
+                if time.monotonic() > give_up:
+                    raise
+                time.sleep(self.config.tick)
             except AtCapacity:
                 self.report.refused_submits["at_capacity"] = self.report.refused_submits.get("at_capacity", 0) + 1
                 for identity in job.users:
@@ -529,7 +533,7 @@ class ChaosRun:
                 self.report.violations.append(f"job {job.id} was submitted but the supervisor does not know it")
         deadline = time.monotonic() + self.config.settle_timeout
         while self._live() and time.monotonic() < deadline:
-            time.sleep(0.2)
+            time.sleep(self.config.tick)
             self._probe()
 
     def check(self) -> None:
@@ -616,7 +620,7 @@ class ChaosRun:
                 return
             if time.monotonic() > deadline:
                 break
-            time.sleep(0.25)
+            time.sleep(self.config.tick)
         self.report.leaked_processes += len(leftovers)
         self.report.leaked_actors += max(0, len(job_actors) - idle_allowed) + len(children)
         if leftovers:
@@ -632,7 +636,7 @@ class ChaosRun:
         self.client.stop(timeout=60)
         deadline = time.monotonic() + self.config.leak_timeout
         while (alive_rayvisor_actors() or rayvisor_processes()) and time.monotonic() < deadline:
-            time.sleep(0.25)
+            time.sleep(self.config.tick)
         left_in_ray, left_in_os = alive_rayvisor_actors(), rayvisor_processes()
         if left_in_ray or left_in_os:
             self.report.leaked_actors += len(left_in_ray)
