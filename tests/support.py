@@ -51,19 +51,21 @@ FAST_NODE_FAILURE_DETECTION = {
     "RAY_health_check_timeout_ms": "500",
     "RAY_health_check_initial_delay_ms": "0",
 }
-"""Ray declares a crashed node dead ~1.1 s after it stops (instead of ~30 s)."""
+"""Ray declares a crashed node dead ~1.1 s after it stops (instead of ~15 s)."""
 
 
 @contextmanager
-def ray_cluster(*, worker_nodes: int, node_args: dict[str, Any]) -> Iterator[Any]:
+def ray_cluster(*, worker_nodes: int, node_args: dict[str, Any],
+                failure_detection: dict[str, str] = FAST_NODE_FAILURE_DETECTION) -> Iterator[Any]:
     """Swap the session's single-node Ray for a ``ray.cluster_utils.Cluster`` (a head with
-    no ``rayvisor_slot`` and ``worker_nodes`` nodes started with ``node_args``), and back."""
+    no ``rayvisor_slot`` and ``worker_nodes`` nodes started with ``node_args``, and Ray's
+    node health checks set by ``failure_detection``), and back."""
     from conftest import start_session_ray
     from ray.cluster_utils import Cluster
 
     ray.shutdown()
-    saved = {k: os.environ.get(k) for k in FAST_NODE_FAILURE_DETECTION}
-    os.environ.update(FAST_NODE_FAILURE_DETECTION)
+    saved = {k: os.environ.get(k) for k in failure_detection}
+    os.environ.update(failure_detection)
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 1, "include_dashboard": False, "object_store_memory": 80_000_000})
     try:

@@ -114,6 +114,11 @@ class WorkerOptions:
     """A restarted supervisor finds a job whose shutdown deadline passed while no supervisor
     watched: the job gets this long (seconds) to hand over an outcome it may already hold
     (its shutdown finished in time) before it is killed with ``shutdown_timeout``."""
+    death_verdict_timeout: float = 30.0
+    """A job actor's calls fail at once when its node crashes, but Ray declares the node dead
+    only once its health checks fail (about 15 s with Ray's defaults). The supervisor waits
+    this long (seconds) for Ray's verdict before recording ``actor_crashed`` instead of
+    ``node_lost``; a crash on a live node is decided in milliseconds."""
     end_when: EndWhen = EndWhen.ROOM_EMPTY
     """Which room condition ends a job on its own (see ``EndWhen``)."""
 
@@ -243,7 +248,7 @@ class WorkerOptions:
                      "memory_warn_interval", "pool_rate_window", "pool_backoff_initial", "pool_backoff_max",
                      "token_ttl", "room_connect_timeout", "worker_status_interval", "assignment_timeout",
                      "reconnect_initial_delay", "reconnect_max_delay", "worker_heartbeat_interval",
-                     "failover_outcome_grace"):
+                     "failover_outcome_grace", "death_verdict_timeout"):
             value = getattr(self, name)
             if not _finite_number(value) or value <= 0:
                 raise InvalidAgent(f"{name} must be a positive number of seconds, got {value!r}")

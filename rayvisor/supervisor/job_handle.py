@@ -7,10 +7,13 @@ supervisor's state machine free of Ray details and every call bounded.
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
+import time
 from typing import Any
 
 import ray
+from ray.core.generated.common_pb2 import ActorDiedErrorContext
 from ray.exceptions import RayActorError, RayTaskError
 
 from ..actors.job_actor import JobActor
@@ -30,6 +33,21 @@ class ActorGone(Exception):
 
 class StartError(Exception):
     """The job actor could not start the job (prewarm or agent code raised)."""
+
+
+class ActorFate(enum.Enum):
+    """Ray's verdict on a job actor whose calls failed, from the GCS actor table."""
+
+    UNDECIDED = "undecided"
+    """Ray still counts it alive (or cannot say): a crashed node is declared dead only
+    after its health checks fail, while calls to its actors fail at once."""
+    DIED_WITH_NODE = "died_with_node"
+    DIED = "died"
+    """Dead for any other reason: its process crashed or was killed."""
+
+
+FATE_POLL_INTERVAL = 0.1
+"""How often (seconds) ``JobActorHandle.fate`` asks the GCS while Ray has not decided."""
 
 
 class JobActorHandle:
@@ -88,6 +106,30 @@ class JobActorHandle:
             return node or None
         except Exception:
             return None
+
+    def _fate_now(self) -> ActorFate:
+        try:
+            import ray._private.state as ray_state
+
+            info = ray_state.actors(self._actor._actor_id.hex())
+        except Exception as err:  # the GCS may be briefly unreachable while a node goes
+            logger.debug("actor table lookup for %s: %r", self.name, err)
+            return ActorFate.UNDECIDED
+        if info.get("State") != "DEAD":
+            return ActorFate.UNDECIDED
+        context = getattr(info.get("DeathCause"), "actor_died_error_context", None)
+        died_with_node = context is not None and context.reason == ActorDiedErrorContext.NODE_DIED
+        return ActorFate.DIED_WITH_NODE if died_with_node else ActorFate.DIED
+
+    async def fate(self, wait: float) -> ActorFate:
+        """Why the actor died, waiting up to ``wait`` seconds for Ray to decide. Ask before
+        ``kill``: a kill is a verdict of its own (``RAY_KILL``) and hides the node's loss."""
+        deadline = time.monotonic() + wait
+        while True:
+            fate = await asyncio.to_thread(self._fate_now)  # a GCS query must not stall the loop
+            if fate is not ActorFate.UNDECIDED or time.monotonic() >= deadline:
+                return fate
+            await asyncio.sleep(FATE_POLL_INTERVAL)
 
     async def wait_placed(self, timeout: float) -> None:
         """Until Ray has placed and created the actor (``asyncio.TimeoutError`` otherwise)."""

@@ -70,7 +70,7 @@ from ..messages import (
     now,
 )
 from ..rooms.local import evict_participant
-from .job_handle import JOB_ACTOR_PREFIX, SLOT_RESOURCE, ActorGone, JobActorHandle, StartError
+from .job_handle import JOB_ACTOR_PREFIX, SLOT_RESOURCE, ActorFate, ActorGone, JobActorHandle, StartError
 from .job_table import AttemptEnd, JobRecord, JobTable
 from .credentials import LiveKitCredentials
 from .livekit_dispatch import LiveKitDispatch
@@ -711,18 +711,16 @@ class Supervisor:
                             JobState.SUCCEEDED, record.shutdown_trigger or Cause.USER_SHUTDOWN, record.reason)
                     break
                 except (ActorGone, StartError, asyncio.TimeoutError) as err:
+                    lost_node = (isinstance(err, ActorGone) and pooled is None and record.kill_end is None
+                                 and await self._death_cause(record, handle, opts) is Cause.NODE_LOST)
                     handle.kill()
                     if record.kill_end is not None:
                         return record.kill_end
                     if pooled is not None and isinstance(err, ActorGone):
                         pooled = None  # an idle actor that died while waiting: try a cold one
                         continue
-                    if isinstance(err, ActorGone) and record.node_id is None:
-                        placed_on = handle.node_id()
-                        if placed_on is not None:
-                            record.node_id = placed_on
-                            if await self._death_cause(record) is Cause.NODE_LOST:
-                                return AttemptEnd(JobState.FAILED, Cause.NODE_LOST, error=str(err))
+                    if lost_node:
+                        return AttemptEnd(JobState.FAILED, Cause.NODE_LOST, error=str(err))
                     detail = str(err) or f"did not start within initialize_process_timeout={opts.initialize_process_timeout}s"
                     return AttemptEnd(JobState.FAILED, Cause.START_FAILED, error=detail)
         record.pid, record.node_id = started.pid, started.node_id
@@ -806,7 +804,7 @@ class Supervisor:
                 handle.kill()
             return record.kill_end
         if handle is _GONE:
-            return AttemptEnd(JobState.FAILED, await self._death_cause(record),
+            return AttemptEnd(JobState.FAILED, await self._death_cause(record, None, opts),
                               error="the job's actor was gone after a supervisor restart")
         record.actor = handle
         try:
@@ -818,11 +816,12 @@ class Supervisor:
                 self._table.transition(record, JobState.RUNNING)
             self._persist(record)
         except (ActorGone, StartError, asyncio.TimeoutError) as err:
+            cause = await self._death_cause(record, handle, opts) if isinstance(err, ActorGone) else None
             handle.kill()
             if record.kill_end is not None:
                 return record.kill_end
-            if isinstance(err, ActorGone):
-                return AttemptEnd(JobState.FAILED, await self._death_cause(record), error=str(err))
+            if cause is not None:
+                return AttemptEnd(JobState.FAILED, cause, error=str(err))
             return AttemptEnd(JobState.FAILED, Cause.START_FAILED, error=str(err) or "did not start after recovery")
         try:
             # Reports sent while no supervisor was there are lost: ask where the job stands.
@@ -840,9 +839,18 @@ class Supervisor:
             logger.warning("recovered job %s did not describe itself; pings and deadlines will judge it", record.id)
         return await self._follow_attempt(record, handle, opts)
 
-    async def _death_cause(self, record: JobRecord) -> Cause:
-        """``node_lost`` when the attempt's node is dead, else ``actor_crashed``. The GCS query
-        runs in a thread: a dead actor must not stall the supervisor's loop."""
+    async def _death_cause(self, record: JobRecord, handle: JobActorHandle | None, opts: WorkerOptions) -> Cause:
+        """``node_lost`` when the attempt died with its node, else ``actor_crashed``.
+
+        Call it before killing ``handle``. A call to an actor on a crashed node fails at once,
+        but Ray declares the node dead only once its health checks fail: Ray's verdict on the
+        actor is awaited (up to ``death_verdict_timeout``), then the node's liveness decides.
+        GCS queries run in a thread: a dead actor must not stall the supervisor's loop."""
+        if handle is not None:
+            if await handle.fate(opts.death_verdict_timeout) is ActorFate.DIED_WITH_NODE:
+                return Cause.NODE_LOST
+            if record.node_id is None:
+                record.node_id = await asyncio.to_thread(handle.node_id)
         node_id = record.node_id
         if node_id is None:
             return Cause.ACTOR_CRASHED
@@ -869,8 +877,9 @@ class Supervisor:
         try:
             outcome = done.result()
         except ActorGone as err:
+            cause = await self._death_cause(record, handle, opts)
             handle.kill()  # no restart, whatever Ray would do
-            return AttemptEnd(JobState.FAILED, await self._death_cause(record), error=str(err))
+            return AttemptEnd(JobState.FAILED, cause, error=str(err))
         record.participant_actors = list(outcome.participant_actors)
         cause = record.shutdown_trigger or outcome.cause
         state = outcome.state
