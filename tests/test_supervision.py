@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import threading
 import time
 
@@ -126,6 +127,25 @@ def test_transient_job_restarts_after_a_crash_with_its_id_and_rejoins_its_room(s
     user.send_text("bye", topic="cmd")  # a clean end is not restarted
     final = client.wait(job_id, timeout=15)
     assert (final.state, final.cause, final.restarts) == (JobState.SUCCEEDED, Cause.USER_SHUTDOWN, 1)
+
+
+def test_a_shutdown_that_crosses_a_crash_ends_the_job_without_a_restart(serve, rooms, namespace):
+    """The user's shutdown wins over the restart policy: whichever the supervisor learns of
+    first, the job ends and no attempt starts after the request."""
+    client = serve(answers_and_crashes, restart="transient", max_restarts=3, end_when="never")
+    job_id, _user, _observer, pid = submit_and_greet(client, rooms, "crossed")
+
+    os.kill(pid, signal.SIGKILL)
+    client.shutdown(job_id, reason="done anyway")
+
+    final = client.wait(job_id, timeout=30)
+    assert (final.state, final.cause, final.restarts) in {
+        (JobState.FAILED, Cause.ACTOR_CRASHED, 0),  # the crash ended the attempt; the shutdown stopped the restart
+        (JobState.SUCCEEDED, Cause.USER_SHUTDOWN, 1),  # restarted first; the shutdown stopped the new start
+    }
+    wait_until(lambda: not job_actor_names(namespace), timeout=10)
+    time.sleep(0.5)  # a restart would have created an actor by now
+    assert not job_actor_names(namespace) and client.status(job_id).restarts == final.restarts
 
 
 def test_restart_intensity_exhausted_ends_the_job_with_restart_limit(serve, rooms):

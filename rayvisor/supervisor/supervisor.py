@@ -844,11 +844,13 @@ class Supervisor:
 
         Call it before killing ``handle``. A call to an actor on a crashed node fails at once,
         but Ray declares the node dead only once its health checks fail: Ray's verdict on the
-        actor is awaited (up to ``death_verdict_timeout``), then the node's liveness decides.
-        GCS queries run in a thread: a dead actor must not stall the supervisor's loop."""
+        actor is awaited (up to ``death_verdict_timeout``). Without one (no handle, or none in
+        time) the node's liveness decides. GCS queries run in a thread: a dead actor must not
+        stall the supervisor's loop."""
         if handle is not None:
-            if await handle.fate(opts.death_verdict_timeout) is ActorFate.DIED_WITH_NODE:
-                return Cause.NODE_LOST
+            fate = await handle.fate(opts.death_verdict_timeout)
+            if fate is not ActorFate.UNDECIDED:
+                return Cause.NODE_LOST if fate is ActorFate.DIED_WITH_NODE else Cause.ACTOR_CRASHED
             if record.node_id is None:
                 record.node_id = await asyncio.to_thread(handle.node_id)
         node_id = record.node_id

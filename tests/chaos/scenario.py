@@ -128,6 +128,11 @@ class ChaosJob:
     running_since: float | None = None
     kills: list[Cause] = field(default_factory=list)
     """Causes of the attempt ends injected, in order (ACTOR_CRASHED, NODE_LOST)."""
+    restarts_at_last_kill: int = -1
+    """The job's restart count when it was last hit: more later means a new attempt runs."""
+    last_kill_may_end_it: bool = False
+    """Its users ended it before it restarted after the last kill: the supervisor may have
+    learnt of the kill first (the end shows the kill) or of the shutdown first."""
     uncertain: set[Cause] = field(default_factory=set)
     """Causes a fault may or may not have produced (e.g. a node lost while the job started)."""
     quiet_until: float = 0.0
@@ -248,7 +253,7 @@ def expected_causes(job: ChaosJob, *, entered: bool) -> set[Cause]:
     if job.ended_by is not None and (job.kind != "hang" or not entered):
         natural.add(job.ended_by)
     if job.restart == "transient":
-        return natural | job.uncertain
+        return natural | job.uncertain | ({job.kills[-1]} if job.last_kill_may_end_it else set())
     if job.kills:
         first = {job.kills[0]}
         return first | job.uncertain | (natural if job.kind in ENDS_BY_ITSELF else set())
@@ -470,6 +475,7 @@ class ChaosRun:
             return None
         os.kill(info.pid, signal.SIGKILL)
         job.kills.append(Cause.ACTOR_CRASHED)
+        job.restarts_at_last_kill = fresh.restarts
         job.quiet_until = time.monotonic() + self.config.quiet_after_fault
         job.running_since = None  # a restarted job runs its lifetime again
         return InjectedFault("job_actor", time.time(), job_id=job.id, pid=info.pid)
@@ -509,6 +515,7 @@ class ChaosRun:
             on_victim = info.node_id == victim.node_id
             if info.state == JobState.RUNNING and on_victim and job.ended_by is None:
                 job.kills.append(Cause.NODE_LOST)
+                job.restarts_at_last_kill = info.restarts
                 job.running_since = None
                 hit.append(job.id)
             elif info.state in (JobState.PENDING, JobState.STARTING) or on_victim:
@@ -527,6 +534,9 @@ class ChaosRun:
         for job in self._live():
             if job.ended_by is None:
                 job.ended_by = Cause.USER_SHUTDOWN
+            info = self._infos.get(job.id)
+            if job.kills and (info is None or info.restarts <= job.restarts_at_last_kill):
+                job.last_kill_may_end_it = True
             try:
                 self.client.shutdown(job.id, reason="chaos: the run is over")
             except JobNotFound:
@@ -579,7 +589,9 @@ class ChaosRun:
                                      f"({info.error or info.reason}); expected one of {sorted(c.value for c in allowed)}")
         if job.restart == "transient":
             attempt_causes = [a.cause for a in info.attempts]
-            if not attempts_explained(attempt_causes[:-1], job.kills, job.uncertain):  # the last is the job's end
+            ended_by_kill = job.last_kill_may_end_it and info.cause == job.kills[-1]
+            ends = attempt_causes if ended_by_kill else attempt_causes[:-1]  # else the last is the users' end
+            if not attempts_explained(ends, job.kills, job.uncertain):
                 report.violations.append(f"{where} shows attempts ending {[c and c.value for c in attempt_causes]}")
         began = info.entered(JobState.SHUTTING_DOWN)
         ended = info.entered(info.state)
