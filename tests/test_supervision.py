@@ -425,15 +425,27 @@ async def waits(ctx: JobContext) -> None:
     await asyncio.Event().wait()
 
 
+def cold_start_seconds(serve) -> float:
+    """How long one cold start (actor, agent import, ``slow_prewarm``) takes on this machine."""
+    client = serve(waits, agent_name="calibration", prewarm_fnc=slow_prewarm, max_concurrent_starts=1,
+                   initialize_process_timeout=60, end_when="never")
+    job_id = client.submit(JobSpec(room="calibration", agent_name="calibration"))
+    info = client.wait_for_state(job_id, JobState.RUNNING, timeout=60)
+    client.shutdown(job_id)
+    client.wait(job_id, timeout=30)
+    return info.entered(JobState.RUNNING) - info.entered(JobState.PENDING)
+
+
 def test_a_burst_starts_a_few_actors_at_a_time_and_none_times_out_waiting(serve):
     """Cold starts wait for a start slot; each gets its whole initialize_process_timeout."""
-    client = serve(waits, prewarm_fnc=slow_prewarm, max_concurrent_starts=1, initialize_process_timeout=2.5,
-                   end_when="never")
-    job_ids = [client.submit(room=f"burst-{i}") for i in range(4)]
-    infos = [client.wait_for_state(j, JobState.RUNNING, JobState.FAILED, timeout=60) for j in job_ids]
-    running_at = sorted(i.entered(JobState.RUNNING) for i in infos)
+    timeout = 2 * cold_start_seconds(serve) + 0.5  # ample for one start, too short for the burst's wait
+    client = serve(waits, agent_name="burst", prewarm_fnc=slow_prewarm, max_concurrent_starts=1,
+                   initialize_process_timeout=timeout, end_when="never")
+    job_ids = [client.submit(JobSpec(room=f"burst-{i}", agent_name="burst")) for i in range(4)]
+    infos = [client.wait_for_state(j, JobState.RUNNING, JobState.FAILED, timeout=120) for j in job_ids]
     assert [i.state for i in infos] == [JobState.RUNNING] * 4, [i.error for i in infos]
-    assert running_at[-1] - infos[0].entered(JobState.PENDING) > 2.5  # longer than the timeout, yet none failed
+    running_at = sorted(i.entered(JobState.RUNNING) for i in infos)
+    assert running_at[-1] - infos[0].entered(JobState.PENDING) > timeout  # longer than the timeout, yet none failed
     assert all(b - a >= 0.35 for a, b in zip(running_at, running_at[1:]))  # one at a time
 
 
