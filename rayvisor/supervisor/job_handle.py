@@ -96,25 +96,22 @@ class JobActorHandle:
         except ValueError:
             return None
 
-    def node_id(self) -> str | None:
-        """The node Ray placed the actor on, from Ray's actor table (None if never placed)."""
+    def _actor_table_entry(self) -> dict[str, Any]:
+        """The actor's row in Ray's actor table (the GCS); empty if the GCS cannot say."""
         try:
             import ray._private.state as ray_state
 
-            info = ray_state.actors(self._actor._actor_id.hex())
-            node = (info.get("Address") or {}).get("NodeID")
-            return node or None
-        except Exception:
-            return None
-
-    def _fate_now(self) -> ActorFate:
-        try:
-            import ray._private.state as ray_state
-
-            info = ray_state.actors(self._actor._actor_id.hex())
+            return ray_state.actors(self._actor._actor_id.hex()) or {}
         except Exception as err:  # the GCS may be briefly unreachable while a node goes
             logger.debug("actor table lookup for %s: %r", self.name, err)
-            return ActorFate.UNDECIDED
+            return {}
+
+    def node_id(self) -> str | None:
+        """The node Ray placed the actor on, from Ray's actor table (None if never placed)."""
+        return (self._actor_table_entry().get("Address") or {}).get("NodeID") or None
+
+    def _fate_now(self) -> ActorFate:
+        info = self._actor_table_entry()
         if info.get("State") != "DEAD":
             return ActorFate.UNDECIDED
         context = getattr(info.get("DeathCause"), "actor_died_error_context", None)
