@@ -22,6 +22,7 @@ from rayvisor.rooms.local import LocalRooms  # noqa: E402
 def start_session_ray() -> None:
     """The single-node Ray most tests share (tests/test_cluster.py swaps it for a cluster)."""
     ray.init(
+        address="local",  # a Ray of its own, never one another run (or a cluster_utils cluster) left announced
         num_cpus=2,
         include_dashboard=False,
         object_store_memory=100_000_000,
@@ -46,13 +47,12 @@ def namespace() -> str:
 
 @pytest.fixture
 def serve(namespace: str) -> Iterator[Callable[..., rayvisor.Client]]:
-    """``serve(entrypoint, **worker_options)`` -> a Client of a fresh supervisor; torn down after."""
+    """``serve(entrypoint, **worker_options)`` -> a Client of a fresh supervisor; torn down after.
+    Every option not given keeps its ``WorkerOptions`` default (the warm pool included):
+    tests run what users run."""
     clients: list[rayvisor.Client] = []
 
     def start(entrypoint: Callable[..., Any], **options: Any) -> rayvisor.Client:
-        # No warm pool unless a test asks for one: idle actors cost a process each.
-        options.setdefault("num_idle_actors", 0)
-        options.setdefault("max_idle_actors", options["num_idle_actors"])
         client = rayvisor.serve(rayvisor.WorkerOptions(entrypoint_fnc=entrypoint, **options), namespace=namespace)
         clients.append(client)
         return client

@@ -6,6 +6,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -38,11 +39,49 @@ def job_actor_names(namespace: str) -> list[str]:
     ]
 
 
+def job_actor_of(pid: int, namespace: str) -> Any:
+    """The handle of the namespace's job actor running in process ``pid`` (a job taken from
+    the warm pool runs in an actor named for the pool, not for the job)."""
+    import ray._private.state as ray_state
+
+    names = set(job_actor_names(namespace))
+    name = next(a["Name"] for a in ray_state.actors().values()
+                if a["State"] == "ALIVE" and a["Pid"] == pid and a["Name"] in names)
+    return ray.get_actor(name, namespace=namespace)
+
+
+def only_pool_actors_left(client: Any, namespace: str) -> bool:
+    """Whether every job actor left in the namespace is one of the warm pool's (idle or
+    prewarming), so no job's actor is."""
+    gauges = client.metrics().gauges
+    pool = sum(v for k, v in gauges.items() if k.startswith(("rayvisor_idle_actors|", "rayvisor_prewarming_actors|")))
+    return len(job_actor_names(namespace)) == pool
+
+
 def alive_actors(class_name: str) -> list[dict[str, Any]]:
     """Ray's own actor table (from the GCS): the actors of ``class_name`` still ALIVE."""
     import ray._private.state as ray_state
 
     return [a for a in ray_state.actors().values() if a["ActorClassName"] == class_name and a["State"] == "ALIVE"]
+
+
+def actor_pid(handle: Any) -> int:
+    """The PID of ``handle``'s actor process, from Ray's actor table (0 until it is alive)."""
+    import ray._private.state as ray_state
+
+    return ray_state.actors(actor_id=handle._actor_id.hex())["Pid"]
+
+
+def worker_log_lines(pid: int) -> list[str]:
+    """What Ray worker process ``pid`` (an actor) wrote to stderr, read from the Ray session's
+    log file for it (tests run with ``log_to_driver=False``), without Ray's own marker lines."""
+    from ray._private import ray_constants
+
+    markers = (ray_constants.LOG_PREFIX_JOB_ID, ray_constants.LOG_PREFIX_ACTOR_NAME, ray_constants.LOG_PREFIX_TASK_NAME,
+               ray_constants.LOG_PREFIX_EVENT_SUMMARY, ray_constants.LOG_PREFIX_INFO_MESSAGE)
+    files = list(Path(ray._private.worker._global_node.get_logs_dir_path()).glob(f"worker-*-{pid}.err"))
+    assert len(files) == 1, f"Ray log files of process {pid}: {files}"
+    return [line for line in files[0].read_text().splitlines() if not line.startswith(markers)]
 
 
 FAST_NODE_FAILURE_DETECTION = {

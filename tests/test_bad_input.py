@@ -7,7 +7,7 @@ import pytest
 import ray
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from support import job_actor_names
+from support import job_actor_of
 
 import rayvisor
 from rayvisor import JobContext, JobSpec, JobState, WorkerOptions
@@ -195,7 +195,7 @@ def test_random_bytes_on_every_wire_get_typed_answers_and_the_running_job_is_unt
     client, _user, job_id = running
     supervisor = ray.get_actor(SUPERVISOR_NAME, namespace=namespace)
     room_server = ray.get_actor(ROOM_SERVER_NAME, namespace=namespace)
-    job_actor = ray.get_actor(job_actor_names(namespace)[0], namespace=namespace)
+    job_actor = job_actor_of(client.status(job_id).pid, namespace)
     tried = []
 
     @settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))

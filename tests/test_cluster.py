@@ -44,9 +44,38 @@ def running_jobs(client, count: int) -> list:
         raise AssertionError(f"not {count} running: {[(i.id, i.state, i.cause, i.error) for i in client.list()]}")
 
 
-def test_jobs_spread_over_the_slots_of_the_worker_nodes_and_capacity_is_their_sum(cluster, serve):
-    client = serve(waits_in_its_room, end_when="never")
+def idle_actor_nodes(client, namespace: str) -> list[str]:
+    """The nodes of the warm pool's live actors that no job has taken (from Ray's actor table;
+    an actor keeps its ``idle-`` name when a job takes it)."""
+    import ray._private.state as ray_state
+
+    names = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["namespace"] == namespace and a["name"].startswith("rayvisor-job-idle-")}
+    job_pids = {i.pid for i in client.list() if not i.state.is_terminal}
+    return [a["Address"]["NodeID"] for a in ray_state.actors().values()
+            if a["State"] == "ALIVE" and a["Name"] in names and a["Pid"] not in job_pids]
+
+
+def add_slot_node(cluster):
+    node = cluster.add_node(num_cpus=1, resources={"rayvisor_slot": SLOTS_PER_NODE}, object_store_memory=80_000_000)
+    wait_until(lambda: node.node_id in worker_nodes(), timeout=30)
+    return node
+
+
+def shut_down_every_job(client) -> None:
+    for job_id in [i.id for i in client.list() if not i.state.is_terminal]:
+        client.shutdown(job_id)
+    for job_id in [i.id for i in client.list()]:
+        client.wait(job_id, timeout=30)
+
+
+def test_with_default_options_every_slot_runs_a_job_and_the_next_one_is_at_capacity(cluster, serve, rooms, namespace):
+    """The warm pool (on by default) holds slots only on loan: four jobs, one after another,
+    each in its own room with a participant, take all four slots; the fifth is refused."""
+    client = serve(waits_in_its_room)  # every WorkerOptions default: num_idle_actors=1, max_idle_actors=4
+    wait_until(lambda: idle_actor_nodes(client, namespace), timeout=30)  # the pool holds a slot before any job
     for i in range(2 * SLOTS_PER_NODE):
+        rooms.join(f"spread-{i}", "user")
         client.submit(room=f"spread-{i}")
     with pytest.raises(AtCapacity, match="rayvisor_slot"):
         client.submit(room="one-too-many")
@@ -56,62 +85,85 @@ def test_jobs_spread_over_the_slots_of_the_worker_nodes_and_capacity_is_their_su
     assert set(per_node) == worker_nodes() and set(per_node.values()) == {SLOTS_PER_NODE}
     head = ray.get_runtime_context().get_node_id()
     assert head not in per_node  # the head advertises no slot: the control plane stays alone there
+    wait_until(lambda: not idle_actor_nodes(client, namespace), timeout=10)  # no slot is left for the pool
 
 
-def test_adding_a_node_raises_capacity_without_restarting_anything(cluster, serve):
+def test_a_burst_that_fills_every_slot_right_after_start_up_is_all_admitted(cluster, serve):
+    client = serve(waits_in_its_room, end_when="never")
+    burst = [client.submit(room=f"burst-{i}") for i in range(2 * SLOTS_PER_NODE)]  # the pool is still prewarming
+    with pytest.raises(AtCapacity, match="rayvisor_slot"):
+        client.submit(room="one-too-many")
+    running_jobs(client, len(burst))
+    shut_down_every_job(client)
+
+
+def test_adding_a_node_raises_capacity_without_restarting_anything_and_the_pool_refills_there(
+        cluster, serve, namespace):
     client = serve(waits_in_its_room, end_when="never")
     first = [client.submit(room=f"before-{i}") for i in range(2 * SLOTS_PER_NODE)]
     with pytest.raises(AtCapacity):
         client.submit(room="waiting-for-a-node")
     pids = {i.id: i.pid for i in running_jobs(client, len(first))}
 
-    new_node = cluster.add_node(num_cpus=1, resources={"rayvisor_slot": SLOTS_PER_NODE},
-                                object_store_memory=80_000_000)
+    new_node = add_slot_node(cluster)
     try:
-        wait_until(lambda: ray.cluster_resources().get("rayvisor_slot") == 3 * SLOTS_PER_NODE, timeout=30)
+        wait_until(lambda: new_node.node_id in idle_actor_nodes(client, namespace), timeout=30)  # prewarmed there
         later = [client.submit(room=f"after-{i}") for i in range(SLOTS_PER_NODE)]
         infos = {i.id: i for i in running_jobs(client, len(first) + len(later))}
         assert {infos[j].node_id for j in later} == {new_node.node_id}
         assert all(infos[j].pid == pids[j] and infos[j].restarts == 0 for j in first)
     finally:
-        for job_id in [i.id for i in client.list()]:
-            client.shutdown(job_id)
-        for job_id in [i.id for i in client.list()]:
-            client.wait(job_id, timeout=30)
+        shut_down_every_job(client)
         cluster.remove_node(new_node)
 
 
-def test_a_lost_node_ends_its_jobs_as_node_lost_and_transient_ones_restart_elsewhere(cluster, serve):
-    client = serve(waits_in_its_room, end_when="never", restart="transient")
-    spare = cluster.add_node(num_cpus=1, resources={"rayvisor_slot": SLOTS_PER_NODE}, object_store_memory=80_000_000)
-    wait_until(lambda: ray.cluster_resources().get("rayvisor_slot") == 3 * SLOTS_PER_NODE, timeout=30)
-    temporary = client.submit(rayvisor.JobSpec(room="temporary-job", restart="temporary"))
-    transient = [client.submit(room=f"transient-{i}") for i in range(SLOTS_PER_NODE - 1)]
-    infos = {i.id: i for i in running_jobs(client, SLOTS_PER_NODE)}
-    doomed_node = infos[temporary].node_id
-    on_doomed = [j for j, i in infos.items() if i.node_id == doomed_node]
-    victim = next(n for n in cluster.worker_nodes if n.node_id == doomed_node)
+def test_idle_actors_on_a_lost_node_stop_counting_and_the_pool_refills_elsewhere(cluster, serve, namespace):
+    client = serve(waits_in_its_room, end_when="never")
+    jobs = [client.submit(room=f"holds-{i}") for i in range(2 * SLOTS_PER_NODE)]
+    running_jobs(client, len(jobs))  # the module's two nodes are full: the pool has no room there
+    doomed = add_slot_node(cluster)
+    wait_until(lambda: doomed.node_id in idle_actor_nodes(client, namespace), timeout=30)
+    idle = lambda: client.metrics().gauges.get("rayvisor_idle_actors|agent=", 0)  # noqa: E731
+    assert idle() >= 1
 
     lost_at = time.monotonic()
-    cluster.remove_node(victim, allow_graceful=False)
+    cluster.remove_node(doomed, allow_graceful=False)
+
+    wait_until(lambda: idle() == 0, timeout=NODE_LOSS_BOUND + 5)  # Ray's detection + cluster_view_interval
+    assert time.monotonic() - lost_at < NODE_LOSS_BOUND + 1.0 + 2.0
+    client.shutdown(jobs[0])
+    client.wait(jobs[0], timeout=30)
+    nodes = wait_until(lambda: idle_actor_nodes(client, namespace), timeout=30)  # refilled where a slot is free
+    assert doomed.node_id not in nodes and set(nodes) <= worker_nodes()
+    shut_down_every_job(client)
+
+
+def test_a_lost_node_ends_its_jobs_as_node_lost_and_transient_ones_restart_elsewhere(cluster, serve, namespace):
+    client = serve(waits_in_its_room, end_when="never", restart="transient")
+    blockers = [client.submit(rayvisor.JobSpec(room=f"blocker-{i}", restart="temporary"))
+                for i in range(2 * SLOTS_PER_NODE)]
+    running_jobs(client, len(blockers))  # every slot of the module's two nodes is taken
+    doomed = add_slot_node(cluster)  # so the next two jobs can only run on this node
+    temporary = client.submit(rayvisor.JobSpec(room="temporary-job", restart="temporary"))
+    transient = client.submit(room="transient-job")
+    infos = {i.id: i for i in running_jobs(client, len(blockers) + 2)}
+    assert infos[temporary].node_id == infos[transient].node_id == doomed.node_id
+    for job_id in blockers[:SLOTS_PER_NODE]:  # room elsewhere for the transient job's restart
+        client.shutdown(job_id)
+        client.wait(job_id, timeout=30)
+
+    lost_at = time.monotonic()
+    cluster.remove_node(doomed, allow_graceful=False)
 
     ended = client.wait(temporary, timeout=30)
     assert (ended.state, ended.cause) == (JobState.FAILED, Cause.NODE_LOST)
     assert time.monotonic() - lost_at < NODE_LOSS_BOUND + 5  # Ray's detection + rayvisor's reaction
     assert ended.entered(JobState.FAILED) - (time.time() - (time.monotonic() - lost_at)) < NODE_LOSS_BOUND
-    for job_id in on_doomed:
-        if job_id == temporary:
-            continue
-        info = wait_until(lambda: (i := client.status(job_id)).state == JobState.RUNNING and i.restarts == 1 and i,
-                          timeout=60)
-        assert info.node_id != doomed_node and info.attempts[0].cause == Cause.NODE_LOST
-    assert not any(i.state == JobState.RUNNING and i.node_id == doomed_node for i in client.list())
-    for job_id in [i.id for i in client.list() if not i.state.is_terminal]:
-        client.shutdown(job_id)
-        client.wait(job_id, timeout=30)
-    if victim is spare:  # leave two slot nodes for the next test, as the module started
-        return
-    # the spare now stands in for the lost original node
+    info = wait_until(lambda: (i := client.status(transient)).state == JobState.RUNNING and i.restarts == 1 and i,
+                      timeout=60)
+    assert info.node_id != doomed.node_id and info.attempts[0].cause == Cause.NODE_LOST
+    assert info.attempts[0].node_id == doomed.node_id
+    shut_down_every_job(client)
 
 
 def test_with_allow_pending_a_job_past_capacity_waits_then_is_rejected_for_no_capacity(cluster, serve):

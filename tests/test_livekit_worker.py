@@ -497,8 +497,7 @@ def test_rayvisor_start_registers_an_agent_file_with_the_server_from_the_environ
         async def entrypoint(ctx: JobContext):
             await ctx.connect()
 
-        opts = WorkerOptions(entrypoint_fnc=entrypoint, agent_name={agent_name!r}, num_idle_actors=0,
-                             max_idle_actors=0)
+        opts = WorkerOptions(entrypoint_fnc=entrypoint, agent_name={agent_name!r})
     '''))
     env = {**os.environ, "LIVEKIT_URL": server.ws_url, "LIVEKIT_API_KEY": server.api_key,
            "LIVEKIT_API_SECRET": server.api_secret}

@@ -8,6 +8,8 @@ import os
 import statistics
 import time
 
+from support import wait_until
+
 from rayvisor import JobState
 from rayvisor.errors import AtCapacity
 
@@ -25,6 +27,8 @@ async def stays(ctx) -> None:
 
 
 def footprint(client) -> dict[str, float]:
+    """Read once the warm pool has settled: a prewarm in flight is a task of its own."""
+    wait_until(lambda: client.metrics().gauges.get("rayvisor_prewarming_actors|agent=") == 0, timeout=30)
     gauges = client.metrics().gauges
     return {name: gauges[name] for name in (
         "rayvisor_supervisor_rss_bytes", "rayvisor_job_records", "rayvisor_stored_job_snapshots",

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import re
 import signal
 import threading
 import time
 
 import pytest
-from support import job_actor_names, process_alive, wait_until
+import ray
+from support import actor_pid, job_actor_names, only_pool_actors_left, process_alive, wait_until, worker_log_lines
 
 from rayvisor import Cause, JobContext, JobSpec, JobState, rtc
 from rayvisor.errors import AtCapacity, Draining, JobRejected
+from rayvisor.supervisor.supervisor import SUPERVISOR_NAME
 
 AGENT = rtc.ParticipantKind.PARTICIPANT_KIND_AGENT
 
@@ -52,6 +56,17 @@ async def grows(ctx: JobContext) -> None:
     while True:
         hoard.append(b"\x01" * (40 * 1024 * 1024))
         await asyncio.sleep(0.05)
+
+
+async def grows_steadily(ctx: JobContext) -> None:
+    """Allocates 1 MiB every 25 ms (up to 400 MiB) while its loop keeps running."""
+    await ctx.connect()
+    await ctx.room.local_participant.send_text(str(os.getpid()), topic="hello")
+    hoard = []
+    for _ in range(400):
+        hoard.append(b"\x01" * (1024 * 1024))
+        await asyncio.sleep(0.025)
+    await asyncio.Event().wait()
 
 
 async def grows_with_a_blocked_loop(ctx: JobContext) -> None:
@@ -143,7 +158,7 @@ def test_a_shutdown_that_crosses_a_crash_ends_the_job_without_a_restart(serve, r
         (JobState.FAILED, Cause.ACTOR_CRASHED, 0),  # the crash ended the attempt; the shutdown stopped the restart
         (JobState.SUCCEEDED, Cause.USER_SHUTDOWN, 1),  # restarted first; the shutdown stopped the new start
     }
-    wait_until(lambda: not job_actor_names(namespace), timeout=10)  # an ended job starts nothing more
+    wait_until(lambda: only_pool_actors_left(client, namespace), timeout=10)  # an ended job starts nothing more
     assert client.status(job_id).restarts == final.restarts
 
 
@@ -213,6 +228,34 @@ def test_a_job_over_its_limit_that_keeps_growing_is_killed_at_once(serve, rooms)
 
     assert (info.state, info.cause) == (JobState.KILLED, Cause.MEMORY_LIMIT)
     assert "still growing" in info.error
+
+
+def test_memory_warnings_carry_the_growth_and_come_at_most_once_per_interval(serve, rooms, namespace):
+    """Reports every 50 ms, all above the warning line: the supervisor (whose log Ray keeps in
+    the session's files) warns at most once per ``memory_warn_interval``."""
+    interval = 1.0
+    client = serve(grows_steadily, job_memory_warn_mb=1, memory_check_interval=0.05, memory_warn_interval=interval)
+    supervisor_pid = actor_pid(ray.get_actor(SUPERVISOR_NAME, namespace=namespace))  # serve() got its answer
+    job_id, _user, _observer, _ = submit_and_greet(client, rooms, "growing")
+
+    def warnings() -> list[dict]:
+        records = [json.loads(line) for line in worker_log_lines(supervisor_pid) if job_id in line]
+        return [r for r in records if r["level"] == "WARNING" and "job_memory_warn_mb=1" in r["message"]]
+
+    wait_until(lambda: len(warnings()) >= 4, timeout=30, interval=0.1)
+    client.shutdown(job_id, reason="enough")
+    client.wait(job_id, timeout=20)  # it reports (and may be warned about) until it ends
+    warned = warnings()
+    elapsed = time.time() - warned[0]["ts"]  # every warning came between the first and now
+
+    assert 4 <= len(warned) <= elapsed / interval + 1, (len(warned), elapsed)
+    gaps = [b["ts"] - a["ts"] for a, b in zip(warned, warned[1:])]
+    assert min(gaps) >= interval * 0.95, gaps  # wall-clock stamps of a monotonic rate limit
+    assert "first warning" in warned[0]["message"]
+    growths = [re.search(r"([+-]\d+) MiB since the last warning", w["message"]) for w in warned[1:]]
+    assert all(growths), [w["message"] for w in warned]
+    assert all(int(g.group(1)) >= 5 for g in growths)  # ~40 MiB a second: growth since the last warning, not the last 50 ms report
+    assert all((w["job_id"], w["room"]) == (job_id, "growing") and w["rss_mb"] > 1 for w in warned)
 
 
 # -- warm pool ------------------------------------------------------------------------
@@ -470,7 +513,7 @@ def test_a_job_shut_down_while_waiting_for_a_start_slot_ends_at_once_without_an_
 def test_a_job_shut_down_while_its_actor_starts_ends_at_once_and_its_actor_is_gone(serve, namespace):
     """Until its actor has started no entrypoint ran: nothing graceful to wait for."""
     client = serve(waits, prewarm_fnc=slower_prewarm, initialize_process_timeout=20, shutdown_process_timeout=10,
-                   end_when="never")
+                   end_when="never", num_idle_actors=0, max_idle_actors=0)  # a cold start: the job's own actor
     job_id = client.submit(room="still-starting")
     wait_until(lambda: job_actor_names(namespace), timeout=10)  # its actor exists and runs prewarm_fnc
     asked = time.monotonic()

@@ -278,9 +278,10 @@ class JobActor:
         self._prewarmed = True
 
     async def prewarm(self) -> bytes:
-        """Run ``prewarm_fnc`` now (a warm-pool actor), so a job taking this actor starts at once."""
+        """Run ``prewarm_fnc`` now (a warm-pool actor), so a job taking this actor starts at
+        once; returns where the actor runs (the pool follows its node)."""
         self._prewarm()
-        return encode(Ack())
+        return encode(ActorStarted(pid=os.getpid(), node_id=ray.get_runtime_context().get_node_id()))
 
     def _configure_logging(self, start: JobStart) -> None:
         handler = logging.StreamHandler()

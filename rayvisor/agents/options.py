@@ -196,6 +196,10 @@ class WorkerOptions:
     """Finished job records the supervisor keeps for ``status``; the oldest are dropped."""
     event_history: int = 10_000
     """State transitions kept for ``client.events`` / the lifecycle printed by ``dev``."""
+    cluster_view_interval: float = 1.0
+    """How often (seconds) the supervisor re-reads the cluster's nodes and resources (a
+    supervisor-wide setting): a node that joins is used, and the warm pool's actors on a lost
+    node stop counting, within this long."""
     control_call_timeout: float = 10.0
     """Bound (seconds) on any control call that should answer at once (room operations,
     client calls to the supervisor)."""
@@ -248,7 +252,7 @@ class WorkerOptions:
                      "memory_warn_interval", "pool_rate_window", "pool_backoff_initial", "pool_backoff_max",
                      "token_ttl", "room_connect_timeout", "worker_status_interval", "assignment_timeout",
                      "reconnect_initial_delay", "reconnect_max_delay", "worker_heartbeat_interval",
-                     "failover_outcome_grace", "death_verdict_timeout"):
+                     "failover_outcome_grace", "death_verdict_timeout", "cluster_view_interval"):
             value = getattr(self, name)
             if not _finite_number(value) or value <= 0:
                 raise InvalidAgent(f"{name} must be a positive number of seconds, got {value!r}")

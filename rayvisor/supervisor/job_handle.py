@@ -18,13 +18,12 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from ..actors.job_actor import JobActor
 from ..agents.options import WorkerOptions
-from ..messages import Ack, ActorStarted, JobDescription, JobOutcome, JobStart, ShutdownRequest, decode, encode
+from ..messages import ActorStarted, JobDescription, JobOutcome, JobStart, ShutdownRequest, decode, encode
+from .cluster_view import SLOT_RESOURCE
 
 logger = logging.getLogger("rayvisor.supervisor")
 
 JOB_ACTOR_PREFIX = "rayvisor-job-"
-SLOT_RESOURCE = "rayvisor_slot"
-"""The custom resource a node advertises for each job it may run (cluster.yaml)."""
 
 
 class ActorGone(Exception):
@@ -142,10 +141,11 @@ class JobActorHandle:
             raise ActorGone(str(err)) from err
         return decode(data, JobDescription)
 
-    async def prewarm(self, timeout: float) -> None:
-        """Run ``prewarm_fnc`` in the actor (a warm-pool actor waiting for a job)."""
+    async def prewarm(self, timeout: float) -> ActorStarted:
+        """Run ``prewarm_fnc`` in the actor (a warm-pool actor waiting for a job); returns
+        where it runs."""
         try:
-            decode(await asyncio.wait_for(self._actor.prewarm.remote(), timeout), Ack)
+            return decode(await asyncio.wait_for(self._actor.prewarm.remote(), timeout), ActorStarted)
         except RayActorError as err:
             raise ActorGone(str(err)) from err
         except RayTaskError as err:

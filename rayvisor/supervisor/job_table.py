@@ -102,6 +102,7 @@ class JobRecord:
     shutdown_began: float | None = None
     rss_mb: float | None = None
     last_memory_warning: float = 0.0
+    rss_mb_at_last_warning: float | None = None
     agent_identity: str = ""
     agent_participant_name: str = ""
     agent_attributes: dict[str, str] = field(default_factory=dict)
@@ -139,6 +140,8 @@ class JobTable:
         self._on_change = on_change
         self._on_evict = on_evict
         self._jobs: dict[str, JobRecord] = {}
+        self._live: dict[str, JobRecord] = {}
+        """The records not yet terminal (admission reads them on every decision)."""
         self._finished: OrderedDict[str, None] = OrderedDict()
         self._finished_limit = finished_job_history
         self._events: deque[Transition] = deque(maxlen=event_history)
@@ -147,14 +150,18 @@ class JobTable:
 
     def add(self, record: JobRecord) -> None:
         self._jobs[record.id] = record
+        self._live[record.id] = record
         record.timestamps[record.state.value] = now()
+        self._log(record)
         self._record_event(record)
         self._on_change(record)
 
     def restore(self, record: JobRecord) -> None:
         """Put back a record a previous supervisor wrote (no transition is recorded)."""
         self._jobs[record.id] = record
-        if record.is_terminal:
+        if not record.is_terminal:
+            self._live[record.id] = record
+        else:
             record.finished.set()
             self._finished[record.id] = None
             while len(self._finished) > self._finished_limit:  # restored oldest first
@@ -169,7 +176,7 @@ class JobTable:
         return list(self._jobs.values())
 
     def live(self) -> list[JobRecord]:
-        return [r for r in self._jobs.values() if not r.is_terminal]
+        return list(self._live.values())
 
     def transition(self, record: JobRecord, state: JobState, *, cause: Cause | None = None,
                    reason: str | None = None, error: str | None = None) -> None:
@@ -184,13 +191,10 @@ class JobTable:
         if error:
             record.error = error
         record.timestamps[state.value] = now()
-        log = logger.warning if state in (JobState.FAILED, JobState.KILLED, JobState.REJECTED) else logger.info
-        log("job %s %s", record.id, state.value, extra={
-            "job_id": record.id, "room": record.spec.room, "state": state.value,
-            "cause": record.cause.value if record.cause else None, "node_id": record.node_id,
-        })
+        self._log(record)
         self._record_event(record)
         if record.is_terminal:
+            self._live.pop(record.id, None)
             record.deadline = None
             record.finished.set()
             self._finished[record.id] = None
@@ -199,6 +203,16 @@ class JobTable:
                 self._jobs.pop(old_id, None)
                 self._on_evict(old_id)
         self._on_change(record)
+
+    @staticmethod
+    def _log(record: JobRecord) -> None:
+        """One structured log record per transition (admission included)."""
+        state = record.state
+        log = logger.warning if state in (JobState.FAILED, JobState.KILLED, JobState.REJECTED) else logger.info
+        log("job %s %s", record.id, state.value, extra={
+            "job_id": record.id, "room": record.spec.room, "state": state.value,
+            "cause": record.cause.value if record.cause else None, "node_id": record.node_id,
+        })
 
     def _record_event(self, record: JobRecord) -> None:
         self._events.append(Transition(

@@ -37,6 +37,8 @@ class SupervisorMetrics:
             "rayvisor_pool_prewarm_failures": (ray_metrics.Counter, ("worker_id", "agent")),
             "rayvisor_active_jobs": (ray_metrics.Gauge, ("worker_id",)),
             "rayvisor_idle_actors": (ray_metrics.Gauge, ("worker_id", "agent")),
+            "rayvisor_prewarming_actors": (ray_metrics.Gauge, ("worker_id", "agent")),
+            "rayvisor_pool_backoff_seconds": (ray_metrics.Gauge, ("worker_id", "agent")),
             "rayvisor_supervisor_rss_bytes": (ray_metrics.Gauge, ("worker_id",)),
             "rayvisor_job_records": (ray_metrics.Gauge, ("worker_id",)),
             "rayvisor_stored_job_snapshots": (ray_metrics.Gauge, ("worker_id",)),
@@ -91,14 +93,17 @@ class SupervisorMetrics:
     def killed(self, cause: str) -> None:
         self._count("rayvisor_job_kills", cause=cause)
 
-    def prewarm_failed(self, agent: str) -> None:
+    def prewarm_failed(self, agent: str, *, backoff: float) -> None:
+        """A prewarm failed; the pool's next one waits ``backoff`` seconds."""
         self._count("rayvisor_pool_prewarm_failures", agent=agent)
+        self._set("rayvisor_pool_backoff_seconds", backoff, agent=agent)
 
     def active_jobs(self, count: int) -> None:
         self._set("rayvisor_active_jobs", count)
 
-    def idle_actors(self, agent: str, count: int) -> None:
-        self._set("rayvisor_idle_actors", count, agent=agent)
+    def pool_actors(self, agent: str, *, idle: int, prewarming: int) -> None:
+        self._set("rayvisor_idle_actors", idle, agent=agent)
+        self._set("rayvisor_prewarming_actors", prewarming, agent=agent)
 
     def footprint(self, *, rss_bytes: int, job_records: int, stored_snapshots: int, tasks: int) -> None:
         """The supervisor's own size: memory, records kept (live + bounded history),

@@ -70,12 +70,14 @@ from ..messages import (
     now,
 )
 from ..rooms.local import evict_participant
-from .job_handle import JOB_ACTOR_PREFIX, SLOT_RESOURCE, ActorFate, ActorGone, JobActorHandle, StartError
+from .capacity import Bundle, Demand, job_bundle, shortage
+from .cluster_view import SLOT_RESOURCE, ClusterSnapshot, ClusterView
+from .job_handle import JOB_ACTOR_PREFIX, ActorFate, ActorGone, JobActorHandle, StartError
 from .job_table import AttemptEnd, JobRecord, JobTable
 from .credentials import LiveKitCredentials
 from .livekit_dispatch import LiveKitDispatch
 from .metrics import SupervisorMetrics
-from .pool import WarmPool
+from .pool import WarmPools
 from .start_slots import StartSlots
 from .store import AttemptEndRecord, JobSnapshot, SupervisorStore, monotonic_to_wall, wall_to_monotonic
 from .worker_bridge import WorkerLoad
@@ -90,16 +92,22 @@ EXPLICIT_ENDS = frozenset({Cause.USER_SHUTDOWN, Cause.ROOM_DELETED, Cause.SUPERV
 ABNORMAL_ENDS = frozenset({Cause.ACTOR_CRASHED, Cause.ENTRYPOINT_ERROR, Cause.UNRESPONSIVE, Cause.MEMORY_LIMIT,
                            Cause.NODE_LOST, Cause.CONNECT_FAILED})
 """Ends after which a ``transient`` job is restarted."""
-CLUSTER_CPUS_REFRESH = 10.0
-"""Seconds between two reads of the cluster's CPU count (the default start-slot limit)."""
-SLOT_CHECK_INTERVAL = 1.0
-"""Seconds between two looks for ``rayvisor_slot`` nodes while none has been seen."""
 PING_JITTER = 0.1
 """Pings are spread by +-10% of ``ping_interval`` so many jobs do not ping in lockstep."""
 
 
 _GONE = object()
 """``resume`` value for a recovered job whose actor no longer exists."""
+
+
+def restarted_by_ray() -> bool:
+    """Whether Ray restarted this actor (``max_restarts``): what
+    ``RuntimeContext.was_current_actor_reconstructed`` says, without its deprecation warning
+    (it reads the deprecated ``actor_id`` property), which would break ``start``'s JSON logs."""
+    import ray._private.state as ray_state
+
+    info = ray_state.actors(actor_id=ray.get_runtime_context().get_actor_id())
+    return bool(info) and info["NumRestarts"] != 0
 
 
 def new_job_id() -> str:
@@ -114,7 +122,6 @@ class Supervisor:
         configure_logging("start" if log_format == "json" else "dev")
         self._settings = opts  # supervisor-wide limits come from the agent that created it
         self._agents: dict[str, WorkerOptions] = {}
-        self._pools: dict[str, WarmPool] = {}
         self._namespace = namespace
         self._log_format = log_format
         self._worker_id = "RW_" + uuid.uuid4().hex[:12]
@@ -126,13 +133,15 @@ class Supervisor:
         self._admitting = True
         self._refusal = ""
         self._drained_from: list[str] = []
-        self._slots_seen = False
-        self._slots_next_check = 0.0
         self._livekit = LiveKitDispatch(self, self._store, self._tasks)
-        self._cluster_cpus, self._cpus_read_at = 1, -CLUSTER_CPUS_REFRESH
-        self._start_slots = StartSlots(lambda: self._settings.max_concurrent_starts or self._cluster_cpu_count())
+        self._cluster = ClusterView(interval=opts.cluster_view_interval, on_change=self._cluster_changed,
+                                    tasks=self._tasks)
+        self._start_slots = StartSlots(lambda: self._settings.max_concurrent_starts or self._cluster.cpu_count)
+        self._pools = WarmPools(demand=self._demand, totals=lambda: self._cluster.totals,
+                                max_jobs=lambda: self._settings.max_jobs, metrics=self._metrics,
+                                start_slots=self._start_slots)
         self._agents[opts.agent_name] = opts
-        if ray.get_runtime_context().was_current_actor_reconstructed:
+        if restarted_by_ray():
             # Ray restarted us (max_restarts=-1): take the jobs of the previous incarnation back.
             for agent in self._store.agents():
                 self._agents[agent.agent_name] = agent
@@ -146,18 +155,16 @@ class Supervisor:
 
     async def register_agent(self, opts: WorkerOptions) -> bytes:
         """Register (or replace, for new jobs) the agent named ``opts.agent_name``."""
-        old = self._pools.pop(opts.agent_name, None)
-        if old is not None:
-            old.close()
+        self._pools.stop(opts.agent_name)
         self._agents[opts.agent_name] = opts
         self._store.put_agent(opts)
         self._start_pool(opts)
         return encode(Ack())
 
     def _start_pool(self, opts: WorkerOptions) -> None:
-        if self._admitting and opts.num_idle_actors + opts.max_idle_actors > 0:
-            self._pools[opts.agent_name] = WarmPool(opts, lambda: self._new_actor(opts, "idle-" + uuid.uuid4().hex[:12]),
-                                                    self._metrics, self._start_slots)
+        if self._admitting:
+            self._pools.start(opts, create=lambda: self._new_actor(opts, "idle-" + uuid.uuid4().hex[:12]),
+                              bundle=lambda: self._bundle(opts))
 
     def _resolve_agent(self, name: str | None) -> WorkerOptions:
         if name is None:
@@ -172,24 +179,28 @@ class Supervisor:
     def _new_actor(self, opts: WorkerOptions, suffix: str) -> JobActorHandle:
         return JobActorHandle.create(name=JOB_ACTOR_PREFIX + suffix, opts=opts,
                                      supervisor=ray.get_runtime_context().current_actor, namespace=self._namespace,
-                                     slot=self._slots_in_use())
+                                     slot=self._cluster.slots_in_use)
 
-    def _cluster_cpu_count(self) -> int:
-        """The cluster's CPUs, re-read now and then: nodes come and go."""
-        if time.monotonic() - self._cpus_read_at >= CLUSTER_CPUS_REFRESH:
-            self._cpus_read_at = time.monotonic()
-            self._cluster_cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-        return self._cluster_cpus
+    # -- capacity: jobs first, the warm pool only what is left ----------------------------
 
-    def _slots_in_use(self) -> bool:
-        """Whether the cluster's nodes advertise ``rayvisor_slot`` (then every job actor takes
-        one). Sticky: once slots were seen, a moment with no slot node alive (every agent node
-        lost) makes jobs wait or be refused, never fall back onto the head."""
-        if not self._slots_seen and time.monotonic() >= self._slots_next_check:
-            # A GCS query: at most every SLOT_CHECK_INTERVAL, not on every admission.
-            self._slots_next_check = time.monotonic() + SLOT_CHECK_INTERVAL
-            self._slots_seen = ray.cluster_resources().get(SLOT_RESOURCE, 0) > 0
-        return self._slots_seen
+    def _bundle(self, opts: WorkerOptions) -> Bundle:
+        """What one job actor of ``opts`` asks Ray for."""
+        return job_bundle(opts.job_resources, slot_resource=SLOT_RESOURCE if self._cluster.slots_in_use else None)
+
+    def _demand(self) -> Demand:
+        """What the live jobs hold, or will hold once started (see ``capacity``)."""
+        demand = Demand()
+        for record in self._table.live():
+            demand.add_job(record.agent_name, self._bundle(self._agents.get(record.agent_name, self._settings)),
+                           waiting=record.state == JobState.PENDING)
+        return demand
+
+    def _cluster_changed(self, snapshot: ClusterSnapshot) -> None:
+        """A node joined or was lost: the pools follow (lost idle actors stop counting, new
+        room may be prewarmed)."""
+        logger.info("the cluster changed: %d live nodes, %s", len(snapshot.alive_nodes),
+                    {k: v for k, v in snapshot.totals.items() if k in (SLOT_RESOURCE, "CPU", "GPU")})
+        self._pools.nodes_changed(snapshot.alive_nodes)
 
     # -- persistence and recovery -------------------------------------------------------
 
@@ -197,6 +208,7 @@ class Supervisor:
         """Every transition: snapshot it, and tell the LiveKit server about dispatched jobs."""
         self._persist(record)
         self._livekit.job_changed(record)
+        self._pools.rebalance_soon()  # a job admitted, started or ended: what the pools may hold changed
 
     def _persist(self, record: JobRecord, *, attempt_end: AttemptEnd | None = None) -> None:
         """Snapshot the record; ``attempt_end`` (or a kill's end) is the current attempt's
@@ -343,8 +355,7 @@ class Supervisor:
         settings = self._settings
         if settings.load_fnc is None:
             return None
-        info = LoadInfo(active_jobs=len(self._table.live()), max_jobs=settings.max_jobs,
-                        idle_actors=sum(pool.idle for pool in self._pools.values()))
+        info = LoadInfo(active_jobs=len(self._table.live()), max_jobs=settings.max_jobs, idle_actors=self._pools.idle)
         try:
             load = await asyncio.wait_for(asyncio.to_thread(settings.load_fnc, info), settings.load_timeout)
             return float(load)
@@ -373,33 +384,9 @@ class Supervisor:
             return f"{len(live)} jobs are running; max_jobs={settings.max_jobs}"
         if load is not None and load >= settings.load_threshold:
             return f"load {load:.2f} is at or above load_threshold={settings.load_threshold}"
-        if opts.job_resources or self._slots_in_use():
-            return self._resource_shortage(opts, live)
-        return None
-
-    def _resource_shortage(self, opts: WorkerOptions, live: list[JobRecord]) -> str | None:
-        """Slots are counted by the supervisor itself (Ray's view of free resources lags actor
-        creation by a moment, which would let a burst over-admit): every live job holds one,
-        and so does every warm-pool actor still starting (a job can take over an idle one).
-        Other ``job_resources`` must be free in Ray's view, net of jobs without an actor yet."""
-        short: dict[str, str] = {}
-        if self._slots_in_use():
-            total = ray.cluster_resources().get(SLOT_RESOURCE, 0.0)
-            held = len(live) + sum(pool.starting + pool.idle for pool in self._pools.values())
-            own = self._pools.get(opts.agent_name)
-            if own is not None and own.idle:
-                held -= 1  # this job will take over one of its agent's idle actors, and its slot
-            if total - held < 1 and not opts.allow_pending:
-                short[SLOT_RESOURCE] = f"{max(0.0, total - held):g} of {total:g} free"
-        if opts.job_resources:
-            available = ray.available_resources()
-            for record in live:
-                if record.actor is None:  # admitted, no actor asked for yet: its resources are spoken for
-                    for name, amount in self._agents.get(record.agent_name, self._settings).job_resources.items():
-                        available[name] = available.get(name, 0.0) - amount
-            for name, amount in opts.job_resources.items():
-                if available.get(name, 0.0) < amount:
-                    short[name] = f"{max(0.0, available.get(name, 0.0)):g} free, {amount:g} needed"
+        if opts.allow_pending:
+            return None  # past the resources, the job waits for a node (the autoscaler's cue)
+        short = shortage(self._bundle(opts), self._cluster.totals, self._demand().held)
         return f"not enough free Ray resources: {short}" if short else None
 
     async def _ask(self, opts: WorkerOptions, record: JobRecord) -> None:
@@ -521,8 +508,7 @@ class Supervisor:
 
     def _stop_admitting(self, why: str) -> list[JobRecord]:
         self._admitting, self._refusal = False, why
-        for pool in self._pools.values():
-            pool.close()
+        self._pools.close()
         self._livekit.set_draining()
         return self._table.live()
 
@@ -582,8 +568,7 @@ class Supervisor:
             return WorkerLoad(load=1.0, full=True, job_count=len(live), draining=draining)
         full = draining or self._capacity_problem(opts, load) is not None
         if load is None:
-            capacity = self._settings.max_jobs or (ray.cluster_resources().get(SLOT_RESOURCE, 0.0)
-                                                   if self._slots_in_use() else 0)
+            capacity = self._settings.max_jobs or (self._cluster.slots if self._cluster.slots_in_use else 0)
             load = len(live) / capacity if capacity else (1.0 if full else 0.0)
         return WorkerLoad(load=min(1.0, max(0.0, load)), full=full, job_count=len(live), draining=draining)
 
@@ -624,8 +609,9 @@ class Supervisor:
             elif previous is not None and report.rss_mb > previous:  # shutting down, yet still growing
                 self._kill_attempt(record, Cause.MEMORY_LIMIT, text + " and still growing during shutdown")
         elif warn and report.rss_mb > warn and time.monotonic() - record.last_memory_warning >= opts.memory_warn_interval:
-            record.last_memory_warning = time.monotonic()
-            growth = f"{report.rss_mb - previous:+.0f} MiB since the last report" if previous is not None else "first report"
+            warned_at = record.rss_mb_at_last_warning
+            record.last_memory_warning, record.rss_mb_at_last_warning = time.monotonic(), report.rss_mb
+            growth = f"{report.rss_mb - warned_at:+.0f} MiB since the last warning" if warned_at is not None else "first warning"
             logger.warning("job %s uses %.0f MiB (job_memory_warn_mb=%g; %s)", record.id, report.rss_mb, warn, growth,
                            extra={"job_id": record.id, "room": record.spec.room, "rss_mb": round(report.rss_mb, 1)})
 
@@ -682,8 +668,8 @@ class Supervisor:
         if record.state == JobState.PENDING:
             self._table.transition(record, JobState.STARTING)
         start = self._job_start(record, opts)
-        pool = self._pools.get(opts.agent_name)
-        pooled = pool.take() if pool is not None and self._admitting else None
+        claim = self._pools.take(opts.agent_name) if self._admitting else None
+        pooled = await self._claimed_actor(record, claim) if claim is not None else None
         while True:
             # A cold start waits for a start slot (a few actors at a time start fast, many at
             # once all start slowly); its initialize_process_timeout runs from its turn.
@@ -731,6 +717,14 @@ class Supervisor:
         else:
             self._persist(record)  # no transition follows: keep pid and node in the snapshot
         return await self._follow_attempt(record, handle, opts)
+
+    async def _claimed_actor(self, record: JobRecord,
+                             claim: "asyncio.Future[JobActorHandle | None]") -> JobActorHandle | None:
+        """The warm-pool actor the job took: at once if it was ready, else when its prewarm
+        ends. None if that prewarm failed, or if the job is shut down first (the actor then
+        goes back to its pool)."""
+        await self._unless_shut_down(record, claim)
+        return None if claim.cancelled() else claim.result()
 
     @staticmethod
     async def _unless_shut_down(record: JobRecord, step: asyncio.Future[Any]) -> None:
@@ -921,7 +915,7 @@ class Supervisor:
         record.restart_times.append(time.monotonic())
         record.deadline = record.shutdown_trigger = record.shutdown_began = record.rss_mb = None
         record.cause, record.reason, record.error, record.pid = None, "", None, None
-        record.node_id = record.actor_name = None
+        record.actor = record.node_id = record.actor_name = None
         record.participants, record.participant_actors, record.participants_version = [], [], 0
         self._metrics.restarted(end.cause.value)
         logger.warning("restarting job %s after %s (restart %d)", record.id, end.cause.value, record.restarts,

@@ -303,13 +303,14 @@ class ChaosRun:
         for module in (agents, ledger):  # the agent's modules travel by value to every node
             cloudpickle.register_pickle_by_value(module)
         c = self.config
-        self.client = rayvisor.serve(rayvisor.WorkerOptions(
+        self.options = rayvisor.WorkerOptions(  # the warm pool keeps its defaults: what users run
             entrypoint_fnc=agents.chaos_agent, shutdown_process_timeout=c.shutdown_budget,
-            num_idle_actors=1, max_idle_actors=1, max_restarts=c.max_kills_per_job + 1, restart_window=600,
+            max_restarts=c.max_kills_per_job + 1, restart_window=600,
             job_memory_limit_mb=c.memory_limit_mb, job_memory_warn_mb=c.memory_limit_mb / 2,
             memory_check_interval=0.5, finished_job_history=100_000,
             initialize_process_timeout=c.initialize_process_timeout,
-        ), namespace=self.namespace, call_timeout=c.probe_timeout)
+        )
+        self.client = rayvisor.serve(self.options, namespace=self.namespace, call_timeout=c.probe_timeout)
         self.rooms = rayvisor.local_rooms(namespace=self.namespace)
 
     # -- the run -------------------------------------------------------------------
@@ -574,7 +575,7 @@ class ChaosRun:
         for fault in self.faults:
             if fault.kind == "participant_actor":
                 self._check_participant_fault(fault, infos[fault.job_id])
-        self._check_no_leaks(idle_allowed=1)
+        self._check_no_leaks(idle_allowed=self.options.max_idle_actors)
 
     def _check_job(self, job: ChaosJob, info: JobInfo, callbacks: Counter, started: Counter) -> None:
         report, config = self.report, self.config
