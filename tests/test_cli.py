@@ -7,16 +7,18 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 
 import pytest
 import ray
 from click.testing import CliRunner
-from support import wait_until
+from support import actor_pid, wait_until, worker_log_lines
 
 import rayvisor
 from rayvisor import JobContext, JobState, WorkerOptions
 from rayvisor.cli import build_cli
 from rayvisor.errors import SupervisorNotFound
+from rayvisor.supervisor.supervisor import SUPERVISOR_NAME
 
 
 async def chatty(ctx: JobContext) -> None:
@@ -151,6 +153,54 @@ def test_dev_serves_an_agent_file_prints_the_lifecycle_and_stops_cleanly_on_ctrl
         rayvisor.connect(namespace=namespace)
 
 
+def json_object(line: str) -> dict | None:
+    try:
+        value = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def test_start_logs_one_json_object_per_line_and_one_record_per_transition(tmp_path, namespace, rooms):
+    """Under ``start`` the supervisor and the job's process log JSON (to their stderr, which
+    Ray keeps in the session's log files and forwards to the driver)."""
+    agent = tmp_path / "logged_agent.py"
+    agent.write_text(textwrap.dedent('''
+        import logging
+        from rayvisor import JobContext, WorkerOptions
+
+        async def entrypoint(ctx: JobContext):
+            ctx.log_context_fields = {"user_id": "7"}
+            logging.getLogger("logged-agent").info("greeting the user")
+            await ctx.connect()
+            await ctx.room.local_participant.send_text("up", topic="hello")
+
+        opts = WorkerOptions(entrypoint_fnc=entrypoint)
+    '''))
+    proc, client = serve_in_subprocess("start", agent, namespace)
+    try:
+        user = rooms.join("logged-room", "user")
+        job_id = client.submit(room="logged-room")
+        supervisor_pid = actor_pid(ray.get_actor(SUPERVISOR_NAME, namespace=namespace))  # it answered: alive
+        user.wait_for_messages(1, topic="hello", timeout=20)
+        user.leave()
+        info = client.wait(job_id, timeout=10)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr
+
+    lines = worker_log_lines(supervisor_pid) + worker_log_lines(info.pid)
+    assert [line for line in lines if json_object(line) is None] == []
+    records = [json_object(line) for line in lines]
+    transitions = [r for r in records if r.get("job_id") == job_id and "state" in r]
+    assert [r["state"] for r in transitions] == ["PENDING", "STARTING", "RUNNING", "SHUTTING_DOWN", "SUCCEEDED"]
+    assert all(r["room"] == "logged-room" and r["logger"] == "rayvisor.supervisor" for r in transitions)
+    assert transitions[-1]["cause"] == "room_empty"
+    (greeting,) = [r for r in records if r.get("message") == "greeting the user"]
+    assert (greeting["job_id"], greeting["room"], greeting["user_id"]) == (job_id, "logged-room", "7")
+
+
 def test_metrics_and_drain_from_the_command_line(cli, rooms):
     cli("room", "join", "desk", "alice")
     job_id = cli("submit", "--room", "desk", "--restart", "transient").output.strip()
@@ -185,5 +235,66 @@ def test_sigterm_drains_a_served_agent_and_a_second_one_is_not_needed(tmp_path, 
         _stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 0, stderr
     assert "draining" in stderr and "1 were shut down" in stderr
+    with pytest.raises(SupervisorNotFound):
+        rayvisor.connect(namespace=namespace)
+
+
+STOP_AT_ONCE = 10.0
+"""Bound on ``start`` exiting after a second SIGTERM: an event poll (1 s), shutting a
+cooperative job down and removing the supervisor, with room for a loaded machine; a drain
+would take ``drain_timeout`` (600 s in the test below)."""
+
+
+def test_a_second_sigterm_during_a_drain_stops_at_once(tmp_path, namespace, rooms):
+    """The first SIGTERM drains for ``drain_timeout`` (here 10 minutes); the second stops
+    now: every job through the protocol, cause ``supervisor_stopped``."""
+    reasons = tmp_path / "shutdown-reasons"
+    agent = tmp_path / "long_call_agent.py"
+    agent.write_text(textwrap.dedent(f'''
+        from rayvisor import JobContext, WorkerOptions
+
+        async def entrypoint(ctx: JobContext):
+            async def record(reason: str):
+                with open({str(reasons)!r}, "a") as out:
+                    out.write(reason + "\\n")
+
+            ctx.add_shutdown_callback(record)
+            await ctx.connect()
+            await ctx.room.local_participant.send_text("up", topic="hello")
+
+        opts = WorkerOptions(entrypoint_fnc=entrypoint, drain_timeout=600)
+    '''))
+    proc, client = serve_in_subprocess("start", agent, namespace)
+    stderr: list[str] = []
+
+    def read_stderr() -> None:
+        for line in proc.stderr:
+            stderr.append(line)
+
+    reader = threading.Thread(target=read_stderr, daemon=True)
+    reader.start()
+    try:
+        user = rooms.join("long-call", "user")
+        job_id = client.submit(room="long-call")
+        supervisor_pid = actor_pid(ray.get_actor(SUPERVISOR_NAME, namespace=namespace))  # it answered: alive
+        user.wait_for_messages(1, topic="hello", timeout=20)
+
+        proc.send_signal(signal.SIGTERM)
+        wait_until(lambda: any("draining for up to 600" in line for line in stderr), timeout=10)
+        assert client.status(job_id).state == JobState.RUNNING  # the drain lets it run on
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=STOP_AT_ONCE)  # TimeoutExpired if it drains on
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+            rayvisor.connect(namespace=namespace).stop(timeout=30)
+        reader.join(timeout=10)
+    assert proc.returncode == 0, "".join(stderr)
+
+    assert reasons.read_text() == "supervisor stopping\n"  # its callback ran once, for the stop, not a drain
+    logged = [json.loads(line) for line in worker_log_lines(supervisor_pid) if job_id in line]
+    assert [(r["state"], r["cause"]) for r in logged if "state" in r][-2:] == [
+        ("SHUTTING_DOWN", "supervisor_stopped"), ("SUCCEEDED", "supervisor_stopped")]
     with pytest.raises(SupervisorNotFound):
         rayvisor.connect(namespace=namespace)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import signal
 import time
@@ -94,6 +95,58 @@ async def registers_late(ctx: JobContext) -> None:
         ctx.add_participant_entrypoint(serve_participant)
     except DuplicateEntrypoint as err:
         await ctx.room.local_participant.send_text(type(err).__name__, topic="duplicate")
+
+
+def announce_then_load(path: str) -> None:
+    """Runs in a participant child while it unpickles its entrypoint: writes the child's pid to
+    ``path``, then takes a minute (as importing a large model library would)."""
+    with open(path, "w") as out:
+        out.write(str(os.getpid()))
+    time.sleep(60)
+
+
+class SlowToLoad:
+    """Shipped with a participant entrypoint: unpickling it runs ``announce_then_load``."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return announce_then_load, (self.path,)
+
+
+async def greets_once_loaded(ctx, participant, *, loaded=None) -> None:
+    await ctx.room.local_participant.send_text("entrypoint ran", topic="child",
+                                               destination_identities=[participant.identity])
+
+
+async def with_slow_to_start_children(ctx: JobContext) -> None:
+    """Its children take a minute to start; the job's metadata is where they say who they are."""
+    ctx.add_participant_entrypoint(functools.partial(greets_once_loaded, loaded=SlowToLoad(ctx.job.metadata)))
+    await ctx.connect()
+    await ctx.room.local_participant.send_text(f"{os.getpid()}", topic="job")
+
+
+async def hangs_when_stopped(ctx, participant) -> None:
+    """A child whose shutdown callback tells the observer it started, then never returns."""
+    async def hang(reason: str) -> None:
+        await ctx.room.local_participant.send_text(f"stopping {participant.identity} ({reason})", topic="bye",
+                                                   destination_identities=["observer"])
+        await asyncio.Event().wait()
+
+    ctx.add_shutdown_callback(hang)
+    await ctx.room.local_participant.send_text(f"{os.getpid()}", topic="child",
+                                               destination_identities=[participant.identity])
+
+
+async def with_hanging_children(ctx: JobContext) -> None:
+    async def last_word(reason: str) -> None:
+        await ctx.room.local_participant.send_text(f"job callback ({reason})", topic="last-word")
+
+    ctx.add_shutdown_callback(last_word)
+    ctx.add_participant_entrypoint(hangs_when_stopped)
+    await ctx.connect()
+    await ctx.room.local_participant.send_text(f"{os.getpid()}", topic="job")
 
 
 def join_and_greet(rooms, room: str, identity: str, kind: int = rtc.ParticipantKind.PARTICIPANT_KIND_STANDARD):
@@ -333,3 +386,70 @@ def test_an_unknown_participant_kind_is_a_typed_error(serve, rooms):
     _client, observer, _job, _ = start(serve, rooms, "kinds", entrypoint=checks_kind)
     # start() already read the pid message on topic "job"; the error name follows it
     assert observer.wait_for_messages(2, topic="job", timeout=10)[1][2] == "InvalidAgent"
+
+
+def test_a_child_shut_down_before_its_entrypoint_runs_is_killed_at_once(serve, rooms, tmp_path):
+    """No user code of the child has run yet: nothing graceful to wait for."""
+    announced = tmp_path / "child-pid"
+    client = serve(with_slow_to_start_children, end_when="never", participant_shutdown_timeout=10,
+                   initialize_process_timeout=60)
+    observer = rooms.join("slow-start", "observer", kind=AGENT)
+    job_id = client.submit(room="slow-start", metadata=str(announced))
+    observer.wait_for_messages(1, topic="job", timeout=30)
+    alice = rooms.join("slow-start", "alice")
+    child_pid = int(wait_until(lambda: announced.exists() and announced.read_text(), timeout=30))  # loading
+
+    left = time.monotonic()
+    alice.leave()
+    wait_until(lambda: not process_alive(child_pid), timeout=15)
+    gone_in = time.monotonic() - left
+
+    assert gone_in < 2.0, gone_in  # neither participant_shutdown_timeout (10 s) nor the start's 60 s
+    ended = (ParticipantActorState.STOPPED, ParticipantActorState.FAILED, ParticipantActorState.KILLED)
+    child = wait_until(lambda: (a := actors_of(client, job_id).get("alice")) and a.state in ended and a, timeout=10)
+    assert (child.state, child.cause, child.pid) == (
+        ParticipantActorState.STOPPED, ParticipantCause.PARTICIPANT_LEFT, None)  # no pid: it never ran
+    assert client.status(job_id).state == JobState.RUNNING
+
+
+def test_a_leaving_participants_child_whose_callback_hangs_is_killed_at_participant_shutdown_timeout(serve, rooms):
+    timeout = 2.0
+    client, observer, job_id, _ = start(serve, rooms, "hang-on-leave", entrypoint=with_hanging_children,
+                                        participant_shutdown_timeout=timeout, end_when="never")
+    alice, alice_pid = join_and_greet(rooms, "hang-on-leave", "alice")
+
+    left = time.monotonic()
+    alice.leave()
+    assert observer.wait_for_messages(1, topic="bye", timeout=10)[0][2] == "stopping alice (participant left)"
+    wait_until(lambda: not process_alive(alice_pid), timeout=timeout + 10)
+    gone_in = time.monotonic() - left
+
+    assert timeout <= gone_in < timeout + 1.5, gone_in
+    killed = wait_until(lambda: (a := actors_of(client, job_id)["alice"]).state == ParticipantActorState.KILLED and a,
+                        timeout=5)
+    assert (killed.cause, killed.error) == (ParticipantCause.SHUTDOWN_TIMEOUT, "did not stop within 2s")
+    assert client.status(job_id).state == JobState.RUNNING
+
+
+def test_during_a_job_shutdown_a_hanging_child_gets_half_the_budget_and_the_jobs_callbacks_still_run(serve, rooms):
+    """Children get at most ``participant_shutdown_timeout`` (here 30 s) and half the job's
+    budget (here 6 s): a child that hangs is killed at 3 s, and the job ends on its own."""
+    budget = 6.0
+    client, observer, job_id, _ = start(serve, rooms, "share", entrypoint=with_hanging_children,
+                                        shutdown_process_timeout=budget, participant_shutdown_timeout=30)
+    _, alice_pid = join_and_greet(rooms, "share", "alice")
+
+    asked = time.monotonic()
+    client.shutdown(job_id, reason="closing")
+    wait_until(lambda: not process_alive(alice_pid), timeout=budget + 10)
+    gone_in = time.monotonic() - asked
+    info = client.wait(job_id, timeout=budget + 10)
+
+    assert budget / 2 <= gone_in < budget / 2 + 1.5, gone_in
+    assert (info.state, info.cause) == (JobState.SUCCEEDED, Cause.USER_SHUTDOWN)  # not KILLED at its deadline
+    assert info.timestamps["SUCCEEDED"] - info.timestamps["SHUTTING_DOWN"] < budget
+    assert [m[2] for m in observer.messages() if m[1] in ("bye", "last-word")] == [
+        "stopping alice (job ended)", "job callback (closing)"]
+    (alice,) = info.participant_actors
+    assert (alice.state, alice.cause, alice.error) == (
+        ParticipantActorState.KILLED, ParticipantCause.SHUTDOWN_TIMEOUT, "did not stop within 3s")
