@@ -7,21 +7,24 @@ import logging
 import signal
 import sys
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import click
 import ray
 from livekit import rtc
+from ray.util.annotations import RayDeprecationWarning
 
 from . import logs
 from .agent_loader import load_agent
 from .agents.options import WorkerOptions
 from .errors import InvalidMetadata, RayvisorError, SupervisorUnavailable
 from .messages import JobInfo, JobSpec, Transition
-from .rooms.local import DEFAULT_NAMESPACE
+from .rooms.local import DEFAULT_NAMESPACE, LocalRooms
 from .supervisor.client import Client, connect, local_rooms, serve
 
 KINDS = {
@@ -33,6 +36,53 @@ KINDS = {
 }
 EVENT_POLL_TIMEOUT = 1.0
 """How long one long-poll for lifecycle events waits in ``dev``/``start`` before re-polling."""
+RAY_QUIET_LOGGING_LEVEL = logging.ERROR
+"""Level of this process's ``ray`` logger without ``--verbose``: Ray's warnings (token auth
+turned on, several local Rays found, ...) stay out of the CLI's output, Ray's errors do not."""
+RAY_VERBOSE_LOGGING_LEVEL = logging.INFO
+"""Level of this process's ``ray`` logger with ``--verbose``: Ray's own default."""
+
+
+@dataclass(frozen=True)
+class RayOutput:
+    """How much of Ray's own output a command lets through (``rayvisor --verbose``).
+
+    It configures Ray where Ray is configured, before Ray is started or attached to: the
+    driver's ``ray`` logger through ``ray.init(logging_level=...)`` and Python's warning
+    filters. Token auth and every other Ray setting are left as they are: only the text of
+    Ray's warnings is hidden. Output forwarded from Ray workers (``dev``) is the jobs' own
+    and is not touched.
+    """
+
+    verbose: bool = False
+
+    @property
+    def logging_level(self) -> int:
+        return RAY_VERBOSE_LOGGING_LEVEL if self.verbose else RAY_QUIET_LOGGING_LEVEL
+
+    def configure_warnings(self) -> None:
+        """Without ``--verbose``, ignore Ray's deprecation warnings and any warning raised by
+        Ray's own modules in this process (a filter, not a rewrite of its output)."""
+        if not self.verbose:
+            warnings.filterwarnings("ignore", category=RayDeprecationWarning)
+            warnings.filterwarnings("ignore", module=r"ray(\.|$)")
+
+
+def _ray_output() -> RayOutput:
+    """The running command's ``RayOutput`` (set by the ``rayvisor`` group from ``--verbose``)."""
+    ctx = click.get_current_context(silent=True)
+    found = ctx.find_object(RayOutput) if ctx is not None else None
+    return found if found is not None else RayOutput()
+
+
+def _connect(address: str, namespace: str) -> Client:
+    """``connect`` with Ray's logging set by ``--verbose`` (used when this call attaches)."""
+    return connect(address, namespace=namespace, logging_level=_ray_output().logging_level)
+
+
+def _local_rooms(address: str, namespace: str) -> LocalRooms:
+    """``local_rooms`` with Ray's logging set by ``--verbose`` (used when this call attaches)."""
+    return local_rooms(address, namespace=namespace, logging_level=_ray_output().logging_level)
 
 
 # --------------------------------------------------------------------------- output
@@ -71,7 +121,8 @@ def _errors_as_messages() -> Iterator[None]:
         raise click.ClickException(f"{type(err).__name__}: {err}") from None
     except ConnectionError as err:
         raise click.ClickException(
-            f"cannot reach a Ray cluster ({err}); start one with `rayvisor dev AGENT.py` or `ray start --head`"
+            f"cannot reach a Ray cluster ({err}); start one with `rayvisor dev AGENT.py` or `ray start --head`; "
+            "a cluster with token auth also needs RAY_AUTH_MODE=token and its token (~/.ray/auth_token) here"
         ) from None
 
 
@@ -92,14 +143,15 @@ def follow_lifecycle(client: Client, stop: threading.Event, emit: Callable[[str]
 # --------------------------------------------------------------------------- run modes
 
 
-def _run_worker(opts: WorkerOptions, *, mode: str, address: str | None, namespace: str) -> None:
+def _run_worker(opts: WorkerOptions, *, mode: str, address: str | None, namespace: str,
+                ray_output: RayOutput = RayOutput()) -> None:
     """``dev``/``start``: serve the agent and print the lifecycle. SIGINT, or a second
     SIGTERM, shuts every job down through the protocol at once; a first SIGTERM drains
     (no new jobs, running ones get ``drain_timeout``). Ray is stopped if we started it."""
     logs.configure(mode)
     started_ray = not ray.is_initialized() and address is None
     client = serve(opts, address=address, namespace=namespace, log_format="json" if mode == "start" else "text",
-                   register_worker=opts.uses_livekit)
+                   register_worker=opts.uses_livekit, logging_level=ray_output.logging_level)
     stop = threading.Event()
     draining = threading.Event()
 
@@ -167,8 +219,12 @@ def build_cli(opts: WorkerOptions | None = None) -> click.Group:
     """The command group; with ``opts`` (``cli.run_app``) ``dev``/``start`` run that agent."""
 
     @click.group(help="Run LiveKit-Agents-style jobs on a Ray cluster.")
-    def group() -> None:
-        pass
+    @click.option("--verbose", is_flag=True,
+                  help="Show Ray's own warnings and log lines (token auth, deprecations, ...); hidden by default.")
+    @click.pass_context
+    def group(ctx: click.Context, verbose: bool) -> None:
+        ctx.obj = RayOutput(verbose=verbose)
+        ctx.obj.configure_warnings()  # before any command starts or attaches to Ray
 
     def worker_command(mode: str, help_text: str) -> None:
         params = [] if opts is not None else [click.Argument(["agent"])]
@@ -178,7 +234,7 @@ def build_cli(opts: WorkerOptions | None = None) -> click.Group:
                 agent_name: str | None = None) -> None:
             with _errors_as_messages():
                 loaded = opts if opts is not None else load_agent(agent or "", agent_name=agent_name)
-                _run_worker(loaded, mode=mode, address=address, namespace=namespace)
+                _run_worker(loaded, mode=mode, address=address, namespace=namespace, ray_output=_ray_output())
 
         command = click.Command(mode, callback=run, help=help_text, params=params)
         command = address_option(namespace_option(command))
@@ -208,7 +264,7 @@ def build_cli(opts: WorkerOptions | None = None) -> click.Group:
             if opts is not None and agent_name is None:
                 agent_name = opts.agent_name
             spec = JobSpec(room=room, metadata=text, agent_name=agent_name, restart=restart)
-            client = connect(address, namespace=namespace)
+            client = _connect(address, namespace)
             job_id = client.submit(spec)
             click.echo(job_id)
             if wait_seconds is not None:
@@ -220,7 +276,7 @@ def build_cli(opts: WorkerOptions | None = None) -> click.Group:
     @namespace_option
     def jobs(as_json: bool, address: str, namespace: str) -> None:
         with _errors_as_messages():
-            infos = connect(address, namespace=namespace).list()
+            infos = _connect(address, namespace).list()
             if as_json:
                 _echo_json([i.model_dump(mode="json") for i in infos])
             else:
@@ -233,7 +289,7 @@ def build_cli(opts: WorkerOptions | None = None) -> click.Group:
     @namespace_option
     def status(job_id: str, address: str, namespace: str) -> None:
         with _errors_as_messages():
-            _echo_json(connect(address, namespace=namespace).status(job_id).model_dump(mode="json"))
+            _echo_json(_connect(address, namespace).status(job_id).model_dump(mode="json"))
 
     @group.command(help="Shut a job down through the shutdown protocol.")
     @click.argument("job_id")
@@ -243,7 +299,7 @@ def build_cli(opts: WorkerOptions | None = None) -> click.Group:
     @namespace_option
     def shutdown(job_id: str, reason: str, wait_seconds: float | None, address: str, namespace: str) -> None:
         with _errors_as_messages():
-            client = connect(address, namespace=namespace)
+            client = _connect(address, namespace)
             info = client.shutdown(job_id, reason=reason)
             if wait_seconds is not None:
                 info = client.wait(job_id, timeout=wait_seconds)
@@ -256,7 +312,7 @@ def build_cli(opts: WorkerOptions | None = None) -> click.Group:
     @namespace_option
     def drain(timeout: float, address: str, namespace: str) -> None:
         with _errors_as_messages():
-            result = connect(address, namespace=namespace).drain(timeout=timeout)
+            result = _connect(address, namespace).drain(timeout=timeout)
             click.echo(f"drained: {result.ended_on_their_own} ended on their own, {result.shut_down} shut down")
 
     @group.command("worker-status", help="The agent's LiveKit worker registration (state, worker id, last error).")
@@ -265,14 +321,14 @@ def build_cli(opts: WorkerOptions | None = None) -> click.Group:
     @namespace_option
     def worker_status(agent_name: str | None, address: str, namespace: str) -> None:
         with _errors_as_messages():
-            _echo_json(connect(address, namespace=namespace).worker_status(agent_name).model_dump(mode="json"))
+            _echo_json(_connect(address, namespace).worker_status(agent_name).model_dump(mode="json"))
 
     @group.command(help="The supervisor's counters, gauges and latency summaries.")
     @attach_option
     @namespace_option
     def metrics(address: str, namespace: str) -> None:
         with _errors_as_messages():
-            _echo_json(connect(address, namespace=namespace).metrics().model_dump(mode="json"))
+            _echo_json(_connect(address, namespace).metrics().model_dump(mode="json"))
 
     @group.group(help="Simulated participants in the local room backend.")
     def room() -> None:
@@ -290,7 +346,7 @@ def build_cli(opts: WorkerOptions | None = None) -> click.Group:
                   address: str, namespace: str) -> None:
         with _errors_as_messages():
             parsed = _parse_attributes(attributes)  # before connecting: a typo is not "Ray unreachable"
-            local_rooms(address, namespace=namespace).join(
+            _local_rooms(address, namespace).join(
                 room_name, identity, kind=KINDS[kind], attributes=parsed, metadata=metadata)
             click.echo(f"{identity} joined {room_name}")
 
@@ -301,7 +357,7 @@ def build_cli(opts: WorkerOptions | None = None) -> click.Group:
     @namespace_option
     def room_leave(room_name: str, identity: str, address: str, namespace: str) -> None:
         with _errors_as_messages():
-            local_rooms(address, namespace=namespace).participant(room_name, identity).leave()
+            _local_rooms(address, namespace).participant(room_name, identity).leave()
             click.echo(f"{identity} left {room_name}")
 
     @room.command("set-attributes", help="Set IDENTITY's attributes (KEY=VALUE ...; empty value deletes).")
@@ -314,7 +370,7 @@ def build_cli(opts: WorkerOptions | None = None) -> click.Group:
                             namespace: str) -> None:
         with _errors_as_messages():
             attributes = _parse_attributes(pairs)
-            participant = local_rooms(address, namespace=namespace).participant(room_name, identity)
+            participant = _local_rooms(address, namespace).participant(room_name, identity)
             participant.set_attributes(attributes)
 
     @room.command("send", help="IDENTITY sends TEXT to the room.")
@@ -326,7 +382,7 @@ def build_cli(opts: WorkerOptions | None = None) -> click.Group:
     @namespace_option
     def room_send(room_name: str, identity: str, text: str, topic: str, address: str, namespace: str) -> None:
         with _errors_as_messages():
-            local_rooms(address, namespace=namespace).participant(room_name, identity).send_text(text, topic=topic)
+            _local_rooms(address, namespace).participant(room_name, identity).send_text(text, topic=topic)
 
     @room.command("messages", help="What IDENTITY received: SENDER [TOPIC] TEXT per line.")
     @click.argument("room_name")
@@ -335,7 +391,7 @@ def build_cli(opts: WorkerOptions | None = None) -> click.Group:
     @namespace_option
     def room_messages(room_name: str, identity: str, address: str, namespace: str) -> None:
         with _errors_as_messages():
-            for sender, topic, payload in local_rooms(address, namespace=namespace).participant(
+            for sender, topic, payload in _local_rooms(address, namespace).participant(
                     room_name, identity).messages():
                 click.echo(f"{sender} [{topic}] {payload!r}" if isinstance(payload, bytes) else f"{sender} [{topic}] {payload}")
 
@@ -345,7 +401,7 @@ def build_cli(opts: WorkerOptions | None = None) -> click.Group:
     @namespace_option
     def room_participants(room_name: str, address: str, namespace: str) -> None:
         with _errors_as_messages():
-            for info in local_rooms(address, namespace=namespace).participants(room_name):
+            for info in _local_rooms(address, namespace).participants(room_name):
                 kind = rtc.ParticipantKind.Name(info.kind).removeprefix("PARTICIPANT_KIND_").lower()
                 click.echo(f"{info.identity}  kind={kind}  attributes={info.attributes}")
 
@@ -355,7 +411,7 @@ def build_cli(opts: WorkerOptions | None = None) -> click.Group:
     @namespace_option
     def room_delete(room_name: str, address: str, namespace: str) -> None:
         with _errors_as_messages():
-            local_rooms(address, namespace=namespace).delete_room(room_name)
+            _local_rooms(address, namespace).delete_room(room_name)
 
     @group.command(help="Run the built-in simulated session on a local Ray and exit.")
     @click.option("--shutdown-timeout", type=float, default=1.0, show_default=True,
@@ -364,7 +420,7 @@ def build_cli(opts: WorkerOptions | None = None) -> click.Group:
         from .demo import run_demo
 
         with _errors_as_messages():
-            sys.exit(run_demo(hang_budget=shutdown_timeout))
+            sys.exit(run_demo(hang_budget=shutdown_timeout, ray_logging_level=_ray_output().logging_level))
 
     return group
 

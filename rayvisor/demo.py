@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import threading
 import time
@@ -59,8 +60,9 @@ async def support_agent(ctx: JobContext) -> None:
     await say(f"hello {profile.get('user_name', 'there')}, welcome to the support desk")
 
 
-def run_demo(*, hang_budget: float = 1.0) -> int:
-    """Run the scripted session; returns a process exit code (0 when every job ended as expected)."""
+def run_demo(*, hang_budget: float = 1.0, ray_logging_level: int = logging.ERROR) -> int:
+    """Run the scripted session; returns a process exit code (0 when every job ended as expected).
+    ``ray_logging_level``: this process's ``ray`` logger (``rayvisor --verbose demo`` shows Ray's lines)."""
     import rayvisor
     from .cli import format_transition
 
@@ -72,8 +74,11 @@ def run_demo(*, hang_budget: float = 1.0) -> int:
             print(line, flush=True)
 
     say("starting a local Ray and the rayvisor supervisor ...")
-    ray.init(include_dashboard=False, log_to_driver=False, namespace=DEMO_NAMESPACE,
-             logging_level="ERROR", configure_logging=True)
+    # address="local": always a Ray of its own, which ray.shutdown() below removes. Without it
+    # ray.init() attaches to RAY_ADDRESS or to the cluster `ray start` last recorded (Ray's
+    # ray_current_cluster file): the demo would run on someone's cluster, or fail on a stale file.
+    ray.init(address="local", include_dashboard=False, log_to_driver=False, namespace=DEMO_NAMESPACE,
+             logging_level=ray_logging_level, configure_logging=True)
     try:
         local = {"ws_url": "", "api_key": "", "api_secret": ""}  # the built-in rooms, even with LIVEKIT_* set
         client = rayvisor.serve(WorkerOptions(entrypoint_fnc=support_agent, agent_name="support",
