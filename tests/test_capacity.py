@@ -74,3 +74,14 @@ def test_other_job_resources_count_the_same_way():
     assert Ledger(jobs("a", bundle=gpu), [mine], {"GPU": 2.0}, None).overcommitted() == set()
     assert Ledger(jobs("a", "a", bundle=gpu), [mine], {"GPU": 2.0}, None).overcommitted() == {"GPU"}
     assert shortage(gpu, {"GPU": 2.0}, jobs("a", bundle=gpu).held) == {}
+
+
+def test_fractions_add_up_exactly_so_the_pool_never_asks_for_what_it_must_then_let_go():
+    twentieth = {"GPU": 0.05}
+    nineteen = jobs(*["a"] * 19, bundle=twentieth)
+    assert shortage(twentieth, {"GPU": 1.0}, nineteen.held) == {}  # the twentieth fits
+    mine = pool(bundle=twentieth)
+    assert Ledger(nineteen, [mine], {"GPU": 1.0}, None).room(mine) == 1
+    one_more = pool(claimable=1, bundle=twentieth)
+    assert Ledger(nineteen, [one_more], {"GPU": 1.0}, None).overcommitted() == set()
+    assert Ledger(jobs(*["a"] * 20, bundle=twentieth), [one_more], {"GPU": 1.0}, None).overcommitted() == {"GPU"}

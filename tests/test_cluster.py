@@ -32,6 +32,15 @@ def cluster():
         yield cluster
 
 
+@pytest.fixture(autouse=True)
+def added_nodes_removed(cluster):
+    """Each test starts on the module's two slot nodes, whatever the one before added."""
+    module_nodes = set(cluster.worker_nodes)
+    yield
+    for node in set(cluster.worker_nodes) - module_nodes:
+        cluster.remove_node(node)
+
+
 def worker_nodes() -> set[str]:
     return {n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("rayvisor_slot")}
 
@@ -106,15 +115,12 @@ def test_adding_a_node_raises_capacity_without_restarting_anything_and_the_pool_
     pids = {i.id: i.pid for i in running_jobs(client, len(first))}
 
     new_node = add_slot_node(cluster)
-    try:
-        wait_until(lambda: new_node.node_id in idle_actor_nodes(client, namespace), timeout=30)  # prewarmed there
-        later = [client.submit(room=f"after-{i}") for i in range(SLOTS_PER_NODE)]
-        infos = {i.id: i for i in running_jobs(client, len(first) + len(later))}
-        assert {infos[j].node_id for j in later} == {new_node.node_id}
-        assert all(infos[j].pid == pids[j] and infos[j].restarts == 0 for j in first)
-    finally:
-        shut_down_every_job(client)
-        cluster.remove_node(new_node)
+    wait_until(lambda: new_node.node_id in idle_actor_nodes(client, namespace), timeout=30)  # prewarmed there
+    later = [client.submit(room=f"after-{i}") for i in range(SLOTS_PER_NODE)]
+    infos = {i.id: i for i in running_jobs(client, len(first) + len(later))}
+    assert {infos[j].node_id for j in later} == {new_node.node_id}
+    assert all(infos[j].pid == pids[j] and infos[j].restarts == 0 for j in first)
+    shut_down_every_job(client)
 
 
 def test_idle_actors_on_a_lost_node_stop_counting_and_the_pool_refills_elsewhere(cluster, serve, namespace):

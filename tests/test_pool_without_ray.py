@@ -48,7 +48,7 @@ async def entrypoint(ctx: Any) -> None:
 
 def pools(demand: Callable[[], Demand] = Demand, **options: Any) -> WarmPools:
     FakeActor.created = []
-    warm = WarmPools(demand=demand, totals=lambda: {"rayvisor_slot": 4.0}, max_jobs=lambda: None,
+    warm = WarmPools(demand=demand, totals=lambda: {"rayvisor_slot": 4.0}, lost_nodes=frozenset, max_jobs=lambda: None,
                      metrics=FakeMetrics(), start_slots=StartSlots(lambda: 2))
     warm.start(WorkerOptions(entrypoint_fnc=entrypoint, **options), create=FakeActor,
                bundle=lambda: {"rayvisor_slot": 1.0})
@@ -129,5 +129,21 @@ def test_a_pool_with_no_room_asks_for_nothing():
             await asyncio.sleep(0)
         assert states(warm) == [] and FakeActor.created == []
         warm.close()
+
+    asyncio.run(scenario())
+
+
+def test_closing_the_pool_kills_its_spare_actors_but_a_job_still_gets_the_prewarm_it_took():
+    async def scenario() -> None:
+        warm = pools(num_idle_actors=2, max_idle_actors=2)
+        await until(lambda: states(warm) == [PoolActorState.PREWARMING] * 2)
+        claim = warm.take("")
+
+        warm.close()  # a drain: no more refills
+
+        await until(lambda: FakeActor.created[1].killed)  # its prewarm abandoned
+        assert await claim is FakeActor.created[0]  # the job starts on it, not on a cold actor
+        assert not FakeActor.created[0].killed
+        assert len(FakeActor.created) == 2
 
     asyncio.run(scenario())

@@ -185,8 +185,8 @@ class WorkerOptions:
     max_concurrent_starts: int = 0
     """Job actors the supervisor starts at once (a supervisor-wide setting); more wait,
     STARTING, and their ``initialize_process_timeout`` begins with their turn; jobs go before
-    warm-pool refills. 0: the cluster's CPU count, re-read every 10 s (a start is a fresh
-    interpreter: CPU-bound). Jobs of an ``allow_pending`` agent do not wait for a slot."""
+    warm-pool refills. 0: the cluster's CPU count, re-read every ``cluster_view_interval`` (a
+    start is a fresh interpreter: CPU-bound). Jobs of an ``allow_pending`` agent do not wait for a slot."""
     job_resources: dict[str, float] = field(default_factory=dict)
     """Ray resources each job actor asks for (e.g. ``{"GPU": 1}`` or a custom resource);
     without ``"CPU"`` here, job actors reserve no CPU (``num_cpus=0``)."""

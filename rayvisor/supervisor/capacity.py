@@ -16,12 +16,20 @@ Everything here is plain arithmetic, testable without Ray.
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 Bundle = Mapping[str, float]
+
+UNITS = 10_000
+"""Resource amounts are counted in integer units of 1/10,000 (Ray's own granularity), so
+that fractions (``{"GPU": 0.05}``) add up exactly: twenty such jobs fit one GPU, and "the
+pool may ask for one more" never disagrees with "the pool must let one go"."""
+
+
+def units(amount: float) -> int:
+    return round(amount * UNITS)
 
 
 def job_bundle(job_resources: Mapping[str, float], *, slot_resource: str | None) -> dict[str, float]:
@@ -34,8 +42,8 @@ def job_bundle(job_resources: Mapping[str, float], *, slot_resource: str | None)
 
 @dataclass
 class Demand:
-    """What the live jobs hold (or hold once started), per resource, and how many of each
-    agent's jobs are admitted but not yet started (each takes one of its pool's actors)."""
+    """What the live jobs hold (or hold once started), in units per resource, and how many
+    of each agent's jobs are admitted but not yet started (each takes one of its pool's actors)."""
 
     held: Counter[str] = field(default_factory=Counter)
     jobs: int = 0
@@ -44,19 +52,19 @@ class Demand:
     def add_job(self, agent: str, bundle: Bundle, *, waiting: bool) -> None:
         self.jobs += 1
         for name, amount in bundle.items():
-            self.held[name] += amount
+            self.held[name] += units(amount)
         if waiting:
             self.waiting[agent] += 1
 
 
-def shortage(bundle: Bundle, totals: Mapping[str, float], held: Mapping[str, float]) -> dict[str, str]:
-    """The resources one more job of ``bundle`` would lack, each with a short explanation."""
+def shortage(bundle: Bundle, totals: Mapping[str, float], held: Mapping[str, int]) -> dict[str, str]:
+    """The resources one more job of ``bundle`` would lack, each with a short explanation
+    (``held``: ``Demand.held``)."""
     short = {}
     for name, amount in bundle.items():
-        total = totals.get(name, 0.0)
-        free = total - held.get(name, 0.0)
-        if free < amount:
-            short[name] = f"{max(0.0, free):g} of {total:g} free, {amount:g} needed"
+        free = units(totals.get(name, 0.0)) - held.get(name, 0)
+        if free < units(amount):
+            short[name] = f"{max(0, free) / UNITS:g} of {totals.get(name, 0.0):g} free, {amount:g} needed"
     return short
 
 
@@ -83,32 +91,39 @@ class Ledger:
                  max_jobs: int | None) -> None:
         self.demand = demand
         self.pools = list(pools)
-        self.totals = totals
         self.max_jobs = max_jobs
+        self._totals = {name: units(amount) for name, amount in totals.items()}
         self._spare_held: Counter[str] = Counter()
         self._spare_actors = 0
         for pool in self.pools:
-            spare = pool.spare(demand.waiting.get(pool.agent, 0))
+            spare = self.spare(pool)
             self._spare_actors += spare
             for name, amount in pool.bundle.items():
-                self._spare_held[name] += spare * amount
+                self._spare_held[name] += spare * units(amount)
+
+    def spare(self, pool: PoolHolding) -> int:
+        """``pool``'s actors that no waiting job of its agent will take."""
+        return pool.spare(self.demand.waiting.get(pool.agent, 0))
+
+    def _free(self, name: str) -> int:
+        """Units of ``name`` neither jobs nor spare pool actors hold (negative: overcommitted)."""
+        return self._totals.get(name, 0) - self.demand.held.get(name, 0) - self._spare_held.get(name, 0)
 
     def overcommitted(self) -> set[str]:
         """What jobs and spare pool actors together hold beyond the totals: resource names,
         and ``"max_jobs"`` when they are more than ``max_jobs``."""
-        over = {name for name, amount in self._spare_held.items()
-                if amount > 0 and self.demand.held.get(name, 0.0) + amount > self.totals.get(name, 0.0)}
+        over = {name for name, amount in self._spare_held.items() if amount > 0 and self._free(name) < 0}
         if self.max_jobs is not None and self._spare_actors and self.demand.jobs + self._spare_actors > self.max_jobs:
             over.add("max_jobs")
         return over
 
     def room(self, pool: PoolHolding) -> int | None:
         """How many more spare actors ``pool`` may ask for without holding what a job needs;
-        None when nothing bounds it (an empty bundle and no ``max_jobs``)."""
+        None when nothing bounds it (an empty bundle and no ``max_jobs``). Adding that many
+        leaves ``overcommitted()`` empty."""
         room: int | None = None
         for name, amount in pool.bundle.items():
-            free = self.totals.get(name, 0.0) - self.demand.held.get(name, 0.0) - self._spare_held.get(name, 0.0)
-            fits = max(0, math.floor(free / amount + 1e-9))
+            fits = max(0, self._free(name) // max(1, units(amount)))
             room = fits if room is None else min(room, fits)
         if self.max_jobs is not None:
             fits = max(0, self.max_jobs - self.demand.jobs - self._spare_actors)

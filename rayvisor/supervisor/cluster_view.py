@@ -27,10 +27,12 @@ SLOT_RESOURCE = "rayvisor_slot"
 
 @dataclass(frozen=True)
 class ClusterSnapshot:
-    """One read of the cluster: resource totals over live nodes, and the live nodes' ids."""
+    """One read of the cluster: resource totals over live nodes, the live nodes' ids, and
+    the ids of nodes Ray has declared dead."""
 
     totals: dict[str, float]
     alive_nodes: frozenset[str]
+    lost_nodes: frozenset[str] = frozenset()
 
     @classmethod
     def read(cls) -> "ClusterSnapshot":
@@ -38,13 +40,15 @@ class ClusterSnapshot:
         nodes = ray.nodes()
         totals: dict[str, float] = {}
         alive: set[str] = set()
+        lost: set[str] = set()
         for node in nodes:
             if not node.get("Alive"):
+                lost.add(node["NodeID"])
                 continue
             alive.add(node["NodeID"])
             for name, amount in (node.get("Resources") or {}).items():
                 totals[name] = totals.get(name, 0.0) + float(amount)
-        return cls(totals=totals, alive_nodes=frozenset(alive))
+        return cls(totals=totals, alive_nodes=frozenset(alive), lost_nodes=frozenset(lost))
 
 
 class ClusterView:
@@ -70,6 +74,10 @@ class ClusterView:
         return self._snapshot.alive_nodes
 
     @property
+    def lost_nodes(self) -> frozenset[str]:
+        return self._snapshot.lost_nodes
+
+    @property
     def slots_in_use(self) -> bool:
         """Whether job actors take a ``rayvisor_slot`` each (see the class docstring)."""
         return self._slots_seen
@@ -84,20 +92,24 @@ class ClusterView:
 
     async def refresh(self) -> None:
         """Read the cluster now (in a thread) and report a change."""
-        snapshot = await asyncio.to_thread(self._read)
+        try:
+            snapshot = await asyncio.to_thread(self._read)
+        except Exception as err:  # the GCS may be briefly unreachable while a node goes
+            logger.warning("cannot read the cluster's nodes and resources: %r", err)
+            return
         if snapshot == self._snapshot:
             return
         self._snapshot = snapshot
         self._slots_seen = self._slots_seen or snapshot.totals.get(SLOT_RESOURCE, 0.0) > 0
-        self._on_change(snapshot)
+        try:
+            self._on_change(snapshot)
+        except Exception:
+            logger.exception("reacting to a change of the cluster failed")
 
     async def _refresh_forever(self) -> None:
         while True:
             await asyncio.sleep(self._interval)
-            try:
-                await self.refresh()
-            except Exception as err:  # the GCS may be briefly unreachable while a node goes
-                logger.warning("cannot read the cluster's resources: %r", err)
+            await self.refresh()
 
     def close(self) -> None:
         self._refresher.cancel()

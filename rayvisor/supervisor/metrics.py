@@ -101,6 +101,10 @@ class SupervisorMetrics:
     def active_jobs(self, count: int) -> None:
         self._set("rayvisor_active_jobs", count)
 
+    def prewarm_recovered(self, agent: str) -> None:
+        """A prewarm succeeded after failures: the pool no longer backs off."""
+        self._set("rayvisor_pool_backoff_seconds", 0.0, agent=agent)
+
     def pool_actors(self, agent: str, *, idle: int, prewarming: int) -> None:
         self._set("rayvisor_idle_actors", idle, agent=agent)
         self._set("rayvisor_prewarming_actors", prewarming, agent=agent)

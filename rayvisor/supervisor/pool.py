@@ -63,12 +63,13 @@ class WarmPool:
     """One agent's pool. All methods run on the supervisor's event loop."""
 
     def __init__(self, opts: WorkerOptions, *, create: Callable[[], JobActorHandle], bundle: Callable[[], Bundle],
-                 room: Callable[["WarmPool"], int | None], on_change: Callable[[], None],
-                 metrics: SupervisorMetrics, start_slots: StartSlots) -> None:
+                 share: Callable[["WarmPool"], "PoolShare"], lost_nodes: Callable[[], frozenset[str]],
+                 on_change: Callable[[], None], metrics: SupervisorMetrics, start_slots: StartSlots) -> None:
         self.opts = opts
         self._create = create
         self._bundle = bundle
-        self._room = room
+        self._share = share
+        self._lost_nodes = lost_nodes
         self._on_change = on_change
         self._metrics = metrics
         self._start_slots = start_slots
@@ -132,10 +133,6 @@ class WarmPool:
         wanted = self.opts.num_idle_actors + math.ceil(rate * self._refill_seconds)
         return max(self.opts.num_idle_actors, min(self.opts.max_idle_actors, wanted))
 
-    def spare(self, waiting: int) -> int:
-        """Actors none of ``waiting`` jobs about to start would take."""
-        return self.holding().spare(waiting)
-
     def release_spare(self, waiting: int) -> bool:
         """Let one spare actor go (``waiting``: this agent's jobs about to take one): a queued
         one, else the newest prewarm in flight, else the newest idle actor. False if none."""
@@ -153,10 +150,11 @@ class WarmPool:
                 return actors[-1]
         raise LookupError("the pool holds no actor")
 
-    def forget_lost_nodes(self, alive: frozenset[str]) -> None:
+    def forget_lost_nodes(self) -> None:
         """Idle actors on a node that is gone stop counting at once."""
+        lost = self._lost_nodes()
         for actor in self._in(PoolActorState.READY):
-            if actor.node_id is not None and actor.node_id not in alive:
+            if actor.node_id in lost:
                 logger.warning("an idle actor of agent %r was lost with its node %s", self.agent, actor.node_id)
                 self._let_go(actor)
 
@@ -173,20 +171,20 @@ class WarmPool:
         self._wake.set()
 
     def close(self) -> None:
-        """Stop refilling and kill every actor no job has taken."""
-        self._closed = True
+        """Stop refilling and kill every actor no job has taken. A prewarm a job is waiting
+        for goes on: that job still starts on it (or it is killed if the job gives it up)."""
         self._filler.cancel()
         for actor in list(self._actors):
             self._let_go(actor)
-        for task in list(self._tasks):  # prewarms a job is waiting for: the job starts cold
-            task.cancel()
-        self._publish()
+        self._closed = True
+        self._metrics.pool_actors(self.agent, idle=0, prewarming=0)
 
     async def _fill(self) -> None:
         while not self._closed:
             self._wake.clear()
+            share = self._share(self)
             target = self.target()
-            while len(self._actors) > target:  # the rate fell, or a job gave an actor back
+            while len(self._actors) > max(target, share.waiting):  # the rate fell, or a job gave an actor back
                 self._let_go(self._least_ready())
             now = time.monotonic()
             while now >= self._not_before and len(self._actors) < target and self._has_room():
@@ -204,7 +202,7 @@ class WarmPool:
                 pass
 
     def _has_room(self) -> bool:
-        room = self._room(self)
+        room = self._share(self).room
         return room is None or room >= 1
 
     async def _prewarm(self, actor: PoolActor) -> None:
@@ -233,11 +231,13 @@ class WarmPool:
                            self.agent, self._failures, delay, err or type(err).__name__)
             self._hand_over(actor, None)
         else:
-            self._failures = 0
+            if self._failures:
+                self._failures = 0
+                self._metrics.prewarm_recovered(self.agent)
             self._refill_seconds = 0.8 * self._refill_seconds + 0.2 * (time.monotonic() - began)
             if actor.claim is None or actor.claim.cancelled():  # no job waits for it (any more)
                 actor.claim = None
-                if self._closed:
+                if self._closed or actor.node_id in self._lost_nodes():  # its node went meanwhile
                     actor.handle.kill()
                 else:
                     actor.state = PoolActorState.READY
@@ -259,7 +259,18 @@ class WarmPool:
             actor.claim.set_result(handle)
 
     def _publish(self) -> None:
-        self._metrics.pool_actors(self.agent, idle=self.idle, prewarming=len(self._in(PoolActorState.PREWARMING)))
+        if not self._closed:  # a closed pool's late prewarm must not overwrite its successor's gauges
+            self._metrics.pool_actors(self.agent, idle=self.idle, prewarming=len(self._in(PoolActorState.PREWARMING)))
+
+
+@dataclass(frozen=True)
+class PoolShare:
+    """What the cluster leaves one pool at a moment (see ``capacity.Ledger``)."""
+
+    room: int | None
+    """More spare actors it may ask for (None: unbounded)."""
+    waiting: int
+    """Its agent's jobs about to take one of its actors."""
 
 
 class WarmPools:
@@ -267,9 +278,11 @@ class WarmPools:
     needs (``Ledger.room``) and give back what jobs need (``rebalance``)."""
 
     def __init__(self, *, demand: Callable[[], Demand], totals: Callable[[], Mapping[str, float]],
-                 max_jobs: Callable[[], int | None], metrics: SupervisorMetrics, start_slots: StartSlots) -> None:
+                 lost_nodes: Callable[[], frozenset[str]], max_jobs: Callable[[], int | None],
+                 metrics: SupervisorMetrics, start_slots: StartSlots) -> None:
         self._demand = demand
         self._totals = totals
+        self._lost_nodes = lost_nodes
         self._max_jobs = max_jobs
         self._metrics = metrics
         self._start_slots = start_slots
@@ -282,8 +295,8 @@ class WarmPools:
         self.stop(opts.agent_name)
         if opts.num_idle_actors + opts.max_idle_actors > 0:
             self._pools[opts.agent_name] = WarmPool(
-                opts, create=create, bundle=bundle, room=self._room, on_change=self.rebalance_soon,
-                metrics=self._metrics, start_slots=self._start_slots)
+                opts, create=create, bundle=bundle, share=self._share, lost_nodes=self._lost_nodes,
+                on_change=self.rebalance_soon, metrics=self._metrics, start_slots=self._start_slots)
 
     def stop(self, agent: str) -> None:
         pool = self._pools.pop(agent, None)
@@ -309,8 +322,9 @@ class WarmPools:
     def ledger(self) -> Ledger:
         return Ledger(self._demand(), [p.holding() for p in self._pools.values()], self._totals(), self._max_jobs())
 
-    def _room(self, pool: WarmPool) -> int | None:
-        return self.ledger().room(pool.holding())
+    def _share(self, pool: WarmPool) -> PoolShare:
+        ledger = self.ledger()
+        return PoolShare(room=ledger.room(pool.holding()), waiting=ledger.demand.waiting.get(pool.agent, 0))
 
     def rebalance_soon(self) -> None:
         """Rebalance once, after the current step of the loop (changes come in bursts)."""
@@ -333,18 +347,17 @@ class WarmPools:
             over = ledger.overcommitted()
             if not over:
                 break
-            waiting = ledger.demand.waiting
-            candidates = [p for p in self._pools.values()
-                          if p.spare(waiting.get(p.agent, 0)) and ("max_jobs" in over or over & set(p.holding().bundle))]
+            spare = {pool: ledger.spare(holding) for pool, holding in zip(self._pools.values(), ledger.pools)}
+            candidates = [p for p, n in spare.items() if n and ("max_jobs" in over or over & set(p.holding().bundle))]
             if not candidates:
                 break
-            pool = max(candidates, key=lambda p: p.spare(waiting.get(p.agent, 0)))
-            pool.release_spare(waiting.get(pool.agent, 0))
+            pool = max(candidates, key=spare.__getitem__)
+            pool.release_spare(ledger.demand.waiting.get(pool.agent, 0))
         for pool in self._pools.values():
             pool.wake()
 
-    def nodes_changed(self, alive: frozenset[str]) -> None:
+    def nodes_changed(self) -> None:
         """A node joined or was lost: idle actors on lost nodes stop counting; pools may refill."""
         for pool in self._pools.values():
-            pool.forget_lost_nodes(alive)
+            pool.forget_lost_nodes()
         self.rebalance()

@@ -16,6 +16,7 @@ import logging
 import random
 import time
 import uuid
+import warnings
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -104,10 +105,15 @@ def restarted_by_ray() -> bool:
     """Whether Ray restarted this actor (``max_restarts``): what
     ``RuntimeContext.was_current_actor_reconstructed`` says, without its deprecation warning
     (it reads the deprecated ``actor_id`` property), which would break ``start``'s JSON logs."""
-    import ray._private.state as ray_state
+    try:
+        import ray._private.state as ray_state
 
-    info = ray_state.actors(actor_id=ray.get_runtime_context().get_actor_id())
-    return bool(info) and info["NumRestarts"] != 0
+        info = ray_state.actors(actor_id=ray.get_runtime_context().get_actor_id())
+        return bool(info) and info["NumRestarts"] != 0
+    except (ImportError, AttributeError, KeyError):  # a Ray whose private actor table moved
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return bool(ray.get_runtime_context().was_current_actor_reconstructed)
 
 
 def new_job_id() -> str:
@@ -138,8 +144,9 @@ class Supervisor:
                                     tasks=self._tasks)
         self._start_slots = StartSlots(lambda: self._settings.max_concurrent_starts or self._cluster.cpu_count)
         self._pools = WarmPools(demand=self._demand, totals=lambda: self._cluster.totals,
-                                max_jobs=lambda: self._settings.max_jobs, metrics=self._metrics,
-                                start_slots=self._start_slots)
+                                lost_nodes=lambda: self._cluster.lost_nodes, max_jobs=lambda: self._settings.max_jobs,
+                                metrics=self._metrics, start_slots=self._start_slots)
+        self._pools_take_slots = self._cluster.slots_in_use
         self._agents[opts.agent_name] = opts
         if restarted_by_ray():
             # Ray restarted us (max_restarts=-1): take the jobs of the previous incarnation back.
@@ -200,7 +207,13 @@ class Supervisor:
         room may be prewarmed)."""
         logger.info("the cluster changed: %d live nodes, %s", len(snapshot.alive_nodes),
                     {k: v for k, v in snapshot.totals.items() if k in (SLOT_RESOURCE, "CPU", "GPU")})
-        self._pools.nodes_changed(snapshot.alive_nodes)
+        if self._cluster.slots_in_use and not self._pools_take_slots:
+            # The first slot node: idle actors created before it hold no slot (and may sit on
+            # the head); pools start afresh with actors that take one.
+            self._pools_take_slots = True
+            for opts in self._agents.values():
+                self._start_pool(opts)
+        self._pools.nodes_changed()
 
     # -- persistence and recovery -------------------------------------------------------
 
@@ -330,6 +343,8 @@ class Supervisor:
             raise InvalidJobSpec(f"a token or url needs agent {opts.agent_name!r} to be configured for LiveKit "
                                  "(ws_url, api_key, api_secret)")
         load = await self._load()
+        if self._resource_shortage(opts):
+            await self._cluster.refresh()  # a node may have joined since the last read: look before refusing
         self._check_capacity(opts, load)
         if spec.job_id and self._table.get(spec.job_id) is not None:  # admitted meanwhile (the await above)
             raise DuplicateJob(f"job {spec.job_id!r} is already being admitted")
@@ -384,10 +399,15 @@ class Supervisor:
             return f"{len(live)} jobs are running; max_jobs={settings.max_jobs}"
         if load is not None and load >= settings.load_threshold:
             return f"load {load:.2f} is at or above load_threshold={settings.load_threshold}"
-        if opts.allow_pending:
-            return None  # past the resources, the job waits for a node (the autoscaler's cue)
-        short = shortage(self._bundle(opts), self._cluster.totals, self._demand().held)
+        short = self._resource_shortage(opts)
         return f"not enough free Ray resources: {short}" if short else None
+
+    def _resource_shortage(self, opts: WorkerOptions) -> dict[str, str]:
+        """What one more job of ``opts`` would lack (nothing for an ``allow_pending`` agent:
+        past the resources its job waits for a node, the autoscaler's cue)."""
+        if opts.allow_pending:
+            return {}
+        return shortage(self._bundle(opts), self._cluster.totals, self._demand().held)
 
     async def _ask(self, opts: WorkerOptions, record: JobRecord) -> None:
         """Run ``request_fnc``; a rejection (or no answer in time) records REJECTED and raises."""
@@ -503,6 +523,7 @@ class Supervisor:
         if live:
             await asyncio.wait([asyncio.ensure_future(r.finished.wait()) for r in live])
         await self._livekit.close(self._settings.control_call_timeout)  # last job statuses reach LiveKit first
+        self._cluster.close()
         self._store.clear()  # a stopped supervisor leaves nothing to recover
         return Ack()
 
@@ -668,7 +689,8 @@ class Supervisor:
         if record.state == JobState.PENDING:
             self._table.transition(record, JobState.STARTING)
         start = self._job_start(record, opts)
-        claim = self._pools.take(opts.agent_name) if self._admitting else None
+        claim = (self._pools.take(opts.agent_name)
+                 if self._admitting and not record.shutdown_requested.is_set() else None)
         pooled = await self._claimed_actor(record, claim) if claim is not None else None
         while True:
             # A cold start waits for a start slot (a few actors at a time start fast, many at
@@ -915,6 +937,7 @@ class Supervisor:
         record.restart_times.append(time.monotonic())
         record.deadline = record.shutdown_trigger = record.shutdown_began = record.rss_mb = None
         record.cause, record.reason, record.error, record.pid = None, "", None, None
+        record.rss_mb_at_last_warning = None
         record.actor = record.node_id = record.actor_name = None
         record.participants, record.participant_actors, record.participants_version = [], [], 0
         self._metrics.restarted(end.cause.value)
