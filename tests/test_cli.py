@@ -223,7 +223,7 @@ def test_sigterm_drains_a_served_agent_and_a_second_one_is_not_needed(tmp_path, 
             await ctx.connect()
             await ctx.room.local_participant.send_text("up", topic="hello")
 
-        opts = WorkerOptions(entrypoint_fnc=entrypoint, drain_timeout=0.5, num_idle_actors=0, max_idle_actors=0)
+        opts = WorkerOptions(entrypoint_fnc=entrypoint, drain_timeout=0.5)
     '''))
     proc, client = serve_in_subprocess("start", agent, namespace)
     try:

@@ -262,7 +262,8 @@ def test_memory_warnings_carry_the_growth_and_come_at_most_once_per_interval(ser
 
 
 def test_a_job_takes_a_prewarmed_actor_and_sees_its_userdata(serve, rooms):
-    client = serve(reports_prewarm, prewarm_fnc=remember_when_prewarmed, num_idle_actors=1, max_idle_actors=1)
+    client = serve(reports_prewarm, prewarm_fnc=remember_when_prewarmed, num_idle_actors=1,
+                   max_idle_actors=1)  # a pool of exactly one: the test counts its idle actors
     wait_until(lambda: client.metrics().gauges.get("rayvisor_idle_actors|agent=") == 1, timeout=30)
     user = rooms.join("warm", "user")
 
@@ -276,7 +277,7 @@ def test_a_job_takes_a_prewarmed_actor_and_sees_its_userdata(serve, rooms):
 
 
 def test_a_failing_prewarm_is_retried_with_backoff_not_in_a_tight_loop(serve):
-    client = serve(reports_prewarm, prewarm_fnc=broken_prewarm, num_idle_actors=1, max_idle_actors=1,
+    client = serve(reports_prewarm, prewarm_fnc=broken_prewarm, num_idle_actors=1, max_idle_actors=1,  # one at a time
                    pool_backoff_initial=0.3, pool_backoff_max=5)
     failures = lambda: client.metrics().counters.get("rayvisor_pool_prewarm_failures|agent=", 0)  # noqa: E731
     wait_until(lambda: failures() >= 1, timeout=30)
@@ -447,7 +448,8 @@ def test_unresponsive_kills_are_counted(serve, rooms):
 def test_closing_the_warm_pool_leaves_no_idle_actor(serve, namespace):
     import ray
 
-    client = serve(reports_prewarm, prewarm_fnc=remember_when_prewarmed, num_idle_actors=2, max_idle_actors=2)
+    client = serve(reports_prewarm, prewarm_fnc=remember_when_prewarmed, num_idle_actors=2,
+                   max_idle_actors=2)  # exactly two idle actors to see closed
     wait_until(lambda: client.metrics().gauges.get("rayvisor_idle_actors|agent=") == 2, timeout=30)
 
     client.drain(timeout=1)
