@@ -869,14 +869,10 @@ class Supervisor:
                 return Cause.NODE_LOST if fate is ActorFate.DIED_WITH_NODE else Cause.ACTOR_CRASHED
             if record.node_id is None:
                 record.node_id = await asyncio.to_thread(handle.node_id)
-        node_id = record.node_id
-        if node_id is None:
+        if record.node_id is None:
             return Cause.ACTOR_CRASHED
-
-        def node_alive() -> bool:
-            return any(node["NodeID"] == node_id and node["Alive"] for node in ray.nodes())
-
-        return Cause.ACTOR_CRASHED if await asyncio.to_thread(node_alive) else Cause.NODE_LOST
+        await self._cluster.refresh()  # a fresh read, in a thread (the pools follow a lost node too)
+        return Cause.ACTOR_CRASHED if record.node_id in self._cluster.alive_nodes else Cause.NODE_LOST
 
     async def _follow_attempt(self, record: JobRecord, handle: Any, opts: WorkerOptions) -> AttemptEnd:
         """From RUNNING to the attempt's end: its outcome, its death, or a supervisor kill."""
