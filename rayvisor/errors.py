@@ -158,6 +158,12 @@ class NotConnected(RoomError, RuntimeError):
     code = "not_connected"
 
 
+class NotSupported(RoomError, NotImplementedError):
+    """The room backend cannot do this (e.g. media on the local backend, which has none)."""
+
+    code = "not_supported"
+
+
 class LiveKitNotConfigured(RayvisorError, RuntimeError):
     """A LiveKit-only feature was used while the job runs on the local room backend."""
 
@@ -181,6 +187,33 @@ class WorkerRegistrationError(RayvisorError, ConnectionError):
     """The LiveKit server refused or dropped the worker registration (see the message)."""
 
     code = "worker_registration_error"
+
+
+class InferenceError(RayvisorError, RuntimeError):
+    """``ctx.inference_executor.do_inference`` failed: the runner raised, returned something
+    that is not bytes, or failed to initialize (a ``RuntimeError``, as in LiveKit Agents)."""
+
+    code = "inference_error"
+
+
+class UnknownInferenceMethod(InferenceError, LookupError):
+    """No inference runner is registered for the requested method (neither on the node's
+    inference actor nor in the calling job's ``_InferenceRunner.registered_runners``)."""
+
+    code = "unknown_inference_method"
+
+
+class InferenceTimeout(InferenceError, TimeoutError):
+    """The node's inference actor did not answer within ``call_timeout`` (or did not
+    finish initializing its runners within ``initialize_timeout``)."""
+
+    code = "inference_timeout"
+
+
+class InferenceUnavailable(InferenceError, ConnectionError):
+    """The node's inference actor died and could not be found or re-created in one retry."""
+
+    code = "inference_unavailable"
 
 
 _BY_CODE: dict[str, type[RayvisorError]] = {}

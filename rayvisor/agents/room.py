@@ -9,33 +9,41 @@ across events, as with livekit.rtc.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import inspect
 import logging
 import time
+import uuid
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 from livekit import rtc
+from livekit.rtc._proto import participant_pb2
 
 from ..aio import supervised_task
-from ..errors import NotConnected, RoomUnavailable
+from ..errors import NotConnected, NotSupported, RoomUnavailable
 from ..rooms.base import RoomConnection
 from ..rooms.records import EventBatch, ParticipantInfo, RoomEvent, RoomEventType, RoomSnapshot
 
 logger = logging.getLogger("rayvisor.room")
 
 TextStreamHandler = Callable[["TextStreamReader", str], Any]
+ByteStreamHandler = Callable[["ByteStreamReader", str], Any]
 
 MAX_POLL_FAILURES = 3
 """Consecutive failed event polls after which the room counts as disconnected."""
 
 
 class Participant:
-    """Common fields of local and remote participants (livekit.rtc names)."""
+    """Common fields of local and remote participants (livekit.rtc names), read from the
+    backend's ``ParticipantInfo`` record."""
 
-    def __init__(self, info: ParticipantInfo) -> None:
-        self.identity = info.identity
-        self._info = info
+    def __init__(self, record: ParticipantInfo) -> None:
+        self._record = record
+
+    @property
+    def identity(self) -> str:
+        return self._record.identity
 
     @property
     def sid(self) -> str:
@@ -43,55 +51,115 @@ class Participant:
 
     @property
     def name(self) -> str:
-        return self._info.name
+        return self._record.name
 
     @property
     def kind(self) -> int:
         """An ``rtc.ParticipantKind`` value."""
-        return self._info.kind
+        return self._record.kind
 
     @property
     def attributes(self) -> dict[str, str]:
-        return dict(self._info.attributes)
+        return dict(self._record.attributes)
 
     @property
     def metadata(self) -> str:
-        return self._info.metadata
+        return self._record.metadata
 
-    def _update(self, info: ParticipantInfo) -> None:
-        self._info = info
+    def _update(self, record: ParticipantInfo) -> None:
+        self._record = record
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(identity={self.identity!r}, kind={self.kind})"
 
 
-class RemoteParticipant(Participant):
-    """Another participant in the room."""
+def _rtc_info(record: ParticipantInfo) -> participant_pb2.ParticipantInfo:
+    return participant_pb2.ParticipantInfo(
+        sid=f"PA_{record.identity}", identity=record.identity, name=record.name, kind=record.kind,
+        metadata=record.metadata, attributes=record.attributes, state=participant_pb2.ParticipantState.PARTICIPANT_STATE_ACTIVE,
+    )
+
+
+class RemoteParticipant(Participant, rtc.RemoteParticipant):
+    """Another participant in the room: an ``rtc.RemoteParticipant`` (so code that checks
+    ``isinstance`` accepts it) without media, whose fields come from the room backend."""
+
+    def __init__(self, record: ParticipantInfo) -> None:
+        super().__init__(record)
+        self._info = _rtc_info(record)  # what rtc's own properties (state, permissions ...) read
+        self._track_publications: dict[str, Any] = {}
+        self._connection_quality = rtc.ConnectionQuality.QUALITY_UNKNOWN
+
+    def _update(self, record: ParticipantInfo) -> None:
+        super()._update(record)
+        self._info = _rtc_info(record)
+
+    def _disconnected(self, reason: int) -> None:
+        """It left: ``disconnect_reason`` (an ``rtc.DisconnectReason``) and state say why, as in rtc."""
+        self._info.disconnect_reason = reason  # type: ignore[assignment]
+        self._info.state = participant_pb2.ParticipantState.PARTICIPANT_STATE_DISCONNECTED
 
     @property
     def track_publications(self) -> dict[str, Any]:
-        return {}
+        """Always empty here: rayvisor's room facade carries no media (on the LiveKit
+        backend, media is on ``ctx.room.rtc_room``)."""
+        return self._track_publications
+
+    def __repr__(self) -> str:
+        return Participant.__repr__(self)
 
 
 class LocalParticipant(Participant):
     """The agent itself; its actions go through the room backend."""
 
-    def __init__(self, info: ParticipantInfo, connection: RoomConnection) -> None:
-        super().__init__(info)
+    def __init__(self, record: ParticipantInfo, connection: RoomConnection) -> None:
+        super().__init__(record)
         self._connection = connection
+        self._rpc_handlers: dict[str, Callable[..., Any]] = {}
+
+    @property
+    def track_publications(self) -> dict[str, Any]:
+        """Tracks this participant published: none (the room facade has no media)."""
+        return {}
 
     async def send_text(
         self, text: str, *, topic: str = "", destination_identities: list[str] | None = None,
-        attributes: dict[str, str] | None = None,
+        attributes: dict[str, str] | None = None, **_: Any,
     ) -> rtc.TextStreamInfo:
         """Send ``text`` as a text stream on ``topic`` (to everyone, or to the given identities)."""
         await self._connection.send(
-            topic=topic, text=text, data=None, destination_identities=list(destination_identities or [])
+            topic=topic, text=text, data=None, destination_identities=list(destination_identities or []),
+            stream_attributes=dict(attributes or {}),
         )
-        return rtc.TextStreamInfo(
-            stream_id="", mime_type="text/plain", topic=topic, timestamp=int(time.time() * 1000),
-            size=len(text.encode()), attributes=dict(attributes or {}), attachments=[],
+        return _text_info(topic=topic, size=len(text.encode()), attributes=attributes)
+
+    async def stream_text(
+        self, *, destination_identities: list[str] | None = None, topic: str = "",
+        attributes: dict[str, str] | None = None, stream_id: str | None = None, **_: Any,
+    ) -> "TextStreamWriter":
+        """A text stream written in chunks; the room backend delivers it whole when it is closed."""
+        return TextStreamWriter(self, topic=topic, attributes=dict(attributes or {}),
+                                destination_identities=list(destination_identities or []), stream_id=stream_id)
+
+    async def send_bytes(
+        self, data: bytes, *, topic: str = "", name: str | None = None, mime_type: str | None = None,
+        destination_identities: list[str] | None = None, attributes: dict[str, str] | None = None, **_: Any,
+    ) -> rtc.ByteStreamInfo:
+        """Send ``data`` as one byte stream (receivers' ``register_byte_stream_handler``)."""
+        await self._connection.send(
+            topic=topic, text=None, data=bytes(data), destination_identities=list(destination_identities or []),
+            stream_name=name or "unknown", stream_attributes=dict(attributes or {}),
         )
+        return _bytes_info(topic=topic, name=name or "unknown", mime_type=mime_type, size=len(data),
+                           attributes=attributes)
+
+    async def stream_bytes(
+        self, name: str, *, mime_type: str = "application/octet-stream", topic: str = "",
+        attributes: dict[str, str] | None = None, destination_identities: list[str] | None = None, **_: Any,
+    ) -> "ByteStreamWriter":
+        """A byte stream written in chunks; delivered whole when it is closed."""
+        return ByteStreamWriter(self, name=name, mime_type=mime_type, topic=topic, attributes=dict(attributes or {}),
+                                destination_identities=list(destination_identities or []))
 
     async def publish_data(
         self, payload: bytes | str, *, reliable: bool = True,
@@ -103,15 +171,109 @@ class LocalParticipant(Participant):
             topic=topic, text=None, data=data, destination_identities=list(destination_identities or [])
         )
 
+    async def publish_track(self, track: Any, options: Any = None) -> Any:
+        raise NotSupported(
+            "publish_track needs a LiveKit server: this room has no media (use text, e.g. "
+            "room_io.RoomOptions(audio_input=False, audio_output=False), or serve with LiveKit settings)"
+        )
+
+    async def unpublish_track(self, track_sid: str) -> None:
+        raise NotSupported("unpublish_track: this room has no media, so nothing was published")
+
+    def register_rpc_method(self, method_name: str, handler: Callable[..., Any] | None = None) -> Any:
+        """Kept for code that registers RPC methods; the local backend delivers no RPC calls."""
+
+        def register(fn: Callable[..., Any]) -> Callable[..., Any]:
+            self._rpc_handlers[method_name] = fn
+            return fn
+
+        return register(handler) if handler is not None else register
+
+    def unregister_rpc_method(self, method: str) -> None:
+        self._rpc_handlers.pop(method, None)
+
+    async def perform_rpc(self, *, destination_identity: str, method: str, payload: str, **_: Any) -> str:
+        raise NotSupported(f"perform_rpc({method!r}): RPC needs a LiveKit server; the local room backend has none")
+
     async def set_attributes(self, attributes: dict[str, str]) -> None:
         """Merge attributes (an empty value deletes a key); others get ``participant_attributes_changed``."""
         await self._connection.set_attributes(dict(attributes))
-        merged = {**self._info.attributes, **attributes}
-        self._update(self._info.model_copy(update={"attributes": {k: v for k, v in merged.items() if v}}))
+        merged = {**self._record.attributes, **attributes}
+        self._update(self._record.model_copy(update={"attributes": {k: v for k, v in merged.items() if v}}))
 
     async def set_metadata(self, metadata: str) -> None:
         await self._connection.set_metadata(metadata)
-        self._update(self._info.model_copy(update={"metadata": metadata}))
+        self._update(self._record.model_copy(update={"metadata": metadata}))
+
+
+def _text_info(*, topic: str, size: int, attributes: dict[str, str] | None, stream_id: str = "") -> rtc.TextStreamInfo:
+    return rtc.TextStreamInfo(
+        stream_id=stream_id or uuid.uuid4().hex, mime_type="text/plain", topic=topic,
+        timestamp=int(time.time() * 1000), size=size, attributes=dict(attributes or {}), attachments=[],
+    )
+
+
+def _bytes_info(*, topic: str, name: str, mime_type: str | None, size: int, attributes: dict[str, str] | None,
+                stream_id: str = "") -> rtc.ByteStreamInfo:
+    return rtc.ByteStreamInfo(
+        stream_id=stream_id or uuid.uuid4().hex, mime_type=mime_type or "application/octet-stream", topic=topic,
+        timestamp=int(time.time() * 1000), size=size, attributes=dict(attributes or {}), name=name,
+    )
+
+
+class TextStreamWriter:
+    """``local_participant.stream_text()``: chunks are buffered and sent as one text stream on
+    ``aclose`` (the local backend moves whole messages). Nothing is sent if nothing was written."""
+
+    def __init__(self, local: LocalParticipant, *, topic: str, attributes: dict[str, str],
+                 destination_identities: list[str], stream_id: str | None) -> None:
+        self._local = local
+        self._destinations = destination_identities
+        self._chunks: list[str] = []
+        self._closed = False
+        self.info = _text_info(topic=topic, size=0, attributes=attributes, stream_id=stream_id or "")
+
+    async def write(self, text: str) -> None:
+        if self._closed:
+            raise RuntimeError("the text stream is closed")
+        self._chunks.append(text)
+
+    async def aclose(self, *, reason: str = "", attributes: dict[str, str] | None = None) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        text = "".join(self._chunks)
+        if text:
+            await self._local._connection.send(
+                topic=self.info.topic, text=text, data=None, destination_identities=self._destinations,
+                stream_attributes={**self.info.attributes, **(attributes or {})},
+            )
+
+
+class ByteStreamWriter:
+    """``local_participant.stream_bytes()``: buffered, sent as one byte stream on ``aclose``."""
+
+    def __init__(self, local: LocalParticipant, *, name: str, mime_type: str, topic: str,
+                 attributes: dict[str, str], destination_identities: list[str]) -> None:
+        self._local = local
+        self._destinations = destination_identities
+        self._chunks: list[bytes] = []
+        self._closed = False
+        self.info = _bytes_info(topic=topic, name=name, mime_type=mime_type, size=0, attributes=attributes)
+
+    async def write(self, data: bytes) -> None:
+        if self._closed:
+            raise RuntimeError("the byte stream is closed")
+        self._chunks.append(bytes(data))
+
+    async def aclose(self, *, reason: str = "", attributes: dict[str, str] | None = None) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        await self._local._connection.send(
+            topic=self.info.topic, text=None, data=b"".join(self._chunks), destination_identities=self._destinations,
+            stream_name=self.info.name, stream_attributes={**self.info.attributes, **(attributes or {})},
+        )
 
 
 class TextStreamReader:
@@ -131,6 +293,23 @@ class TextStreamReader:
         return chunks()
 
 
+class ByteStreamReader:
+    """A received byte stream (whole at once on the local backend)."""
+
+    def __init__(self, info: rtc.ByteStreamInfo, data: bytes) -> None:
+        self.info = info
+        self._data = data
+
+    async def read_all(self) -> bytes:
+        return self._data
+
+    def __aiter__(self):
+        async def chunks():
+            yield self._data
+
+        return chunks()
+
+
 class Room:
     """``ctx.room``: a livekit.rtc.Room look-alike over a ``RoomConnection`` backend."""
 
@@ -142,11 +321,15 @@ class Room:
         self._remote: dict[str, RemoteParticipant] = {}
         self._handlers: dict[str, list[Callable[..., Any]]] = {}
         self._text_handlers: dict[str, TextStreamHandler] = {}
+        self._byte_handlers: dict[str, ByteStreamHandler] = {}
         self._record_listeners: list[Callable[[RoomEvent], None]] = []
         self._state = rtc.ConnectionState.CONN_DISCONNECTED
         self._seq = 0
         self._pump: asyncio.Task[Any] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._task_context: Callable[[], contextvars.Context | None] = lambda: None
+        """The contextvars its event pump runs in (livekit-agents' job context sets its own):
+        room callbacks and stream handlers see the job's context wherever the pump was started."""
 
     # -- livekit.rtc.Room surface ----------------------------------------------------
 
@@ -224,6 +407,15 @@ class Room:
     def unregister_text_stream_handler(self, topic: str) -> None:
         self._text_handlers.pop(topic, None)
 
+    def register_byte_stream_handler(self, topic: str, handler: ByteStreamHandler) -> None:
+        """``handler(reader, participant_identity)`` for byte streams on ``topic``."""
+        if topic in self._byte_handlers:
+            raise ValueError(f"A byte stream handler for topic '{topic}' is already set.")
+        self._byte_handlers[topic] = handler
+
+    def unregister_byte_stream_handler(self, topic: str) -> None:
+        self._byte_handlers.pop(topic, None)
+
     # -- driven by the job ---------------------------------------------------------
 
     @property
@@ -266,7 +458,8 @@ class Room:
     def _start_events(self, poll_timeout: float) -> None:
         if self._pump is None and self._connection is not None:
             self._pump = supervised_task(
-                self._pump_events(poll_timeout), name=f"room-events:{self._name}", logger=logger, tasks=self._tasks
+                self._pump_events(poll_timeout), name=f"room-events:{self._name}", logger=logger, tasks=self._tasks,
+                context=self._task_context(),
             )
 
     async def _disconnect(self) -> None:
@@ -334,11 +527,11 @@ class Room:
 
     def _participant_info(self, identity: str) -> ParticipantInfo | None:
         participant = self._remote.get(identity)
-        return participant._info if participant is not None else None
+        return participant._record if participant is not None else None
 
     @property
     def _local_info(self) -> ParticipantInfo:
-        return self.local_participant._info
+        return self.local_participant._record
 
     def _apply(self, event: RoomEvent) -> None:
         self._apply_event(event)
@@ -356,6 +549,7 @@ class Room:
         elif kind == RoomEventType.PARTICIPANT_DISCONNECTED and event.participant:
             participant = self._remote.pop(event.participant.identity, None)
             if participant is not None:
+                participant._disconnected(event.reason)
                 self.emit("participant_disconnected", participant)
         elif kind == RoomEventType.PARTICIPANT_ATTRIBUTES_CHANGED and event.participant:
             self.emit("participant_attributes_changed", dict(event.changed_attributes),
@@ -374,6 +568,8 @@ class Room:
             self.emit("data_received", packet)
         elif kind == RoomEventType.TEXT_RECEIVED:
             self._deliver_text(event)
+        elif kind == RoomEventType.BYTES_RECEIVED:
+            self._deliver_bytes(event)
         elif kind == RoomEventType.DISCONNECTED:
             self._lose_connection(event.reason)
         elif kind == RoomEventType.NATIVE:
@@ -401,20 +597,25 @@ class Room:
         self.emit(name, *(ours(arg) for arg in args))
 
     def _deliver_text(self, event: RoomEvent) -> None:
-        handler = self._text_handlers.get(event.topic)
+        info = _text_info(topic=event.topic, size=len((event.text or "").encode()), attributes=event.stream_attributes,
+                          stream_id=event.stream_id)
+        self._deliver_stream(self._text_handlers.get(event.topic), TextStreamReader(info, event.text or ""), event)
+
+    def _deliver_bytes(self, event: RoomEvent) -> None:
+        info = _bytes_info(topic=event.topic, name=event.stream_name, mime_type=None, size=len(event.data or b""),
+                           attributes=event.stream_attributes, stream_id=event.stream_id)
+        self._deliver_stream(self._byte_handlers.get(event.topic), ByteStreamReader(info, event.data or b""), event)
+
+    def _deliver_stream(self, handler: Callable[[Any, str], Any] | None, reader: Any, event: RoomEvent) -> None:
+        """Hand a received stream to its topic's handler (a coroutine it returns runs as a task)."""
         if handler is None:
-            logger.debug("ignoring text stream on topic %r: no handler registered", event.topic)
+            logger.debug("ignoring a %s on topic %r: no handler registered", event.type.value, event.topic)
             return
-        info = rtc.TextStreamInfo(
-            stream_id=event.stream_id, mime_type="text/plain", topic=event.topic,
-            timestamp=int(event.timestamp * 1000), size=len((event.text or "").encode()),
-            attributes={}, attachments=[],
-        )
         identity = event.participant.identity if event.participant else ""
         try:
-            result = handler(TextStreamReader(info, event.text or ""), identity)
+            result = handler(reader, identity)
         except Exception:
-            logger.exception("text stream handler for topic %r raised", event.topic)
+            logger.exception("stream handler for topic %r raised", event.topic)
             return
         if isinstance(result, Coroutine):
-            supervised_task(result, name=f"text-stream:{event.topic}", logger=logger, tasks=self._tasks)
+            supervised_task(result, name=f"stream:{event.topic}", logger=logger, tasks=self._tasks)

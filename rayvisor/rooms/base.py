@@ -26,8 +26,11 @@ class RoomConnection(Protocol):
     async def set_metadata(self, metadata: str) -> None: ...
 
     async def send(
-        self, *, topic: str, text: str | None, data: bytes | None, destination_identities: list[str]
-    ) -> None: ...
+        self, *, topic: str, text: str | None, data: bytes | None, destination_identities: list[str],
+        stream_name: str | None = None, stream_attributes: dict[str, str] | None = None,
+    ) -> None:
+        """Text as a text stream; bytes as a data packet, or as a byte stream named
+        ``stream_name`` when it is given. ``stream_attributes`` go with a stream."""
 
     async def disconnect(self) -> None:
         """Leave the room; idempotent."""

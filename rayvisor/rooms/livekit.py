@@ -86,6 +86,7 @@ class LiveKitRoomConnection:
         self._call_timeout = call_timeout
         self._room_api = room_api
         self._room: Any = None
+        self._prepared: Any = None
         self._room_name = ""
         self._events: list[RoomEvent] = []
         self._native: dict[int, tuple[str, tuple[Any, ...]]] = {}
@@ -98,8 +99,18 @@ class LiveKitRoomConnection:
 
     @property
     def rtc_room(self) -> Any:
-        """The underlying ``rtc.Room`` (for media: tracks, audio sources ...)."""
+        """The underlying ``rtc.Room`` once connected (for media: tracks, audio sources ...)."""
         return self._room
+
+    @property
+    def prepared_room(self) -> Any:
+        """The ``rtc.Room`` this connection joins, created on first use: code that needs the
+        room before it connects (livekit-agents' ``ctx.room``, RoomIO) attaches to the same
+        object rayvisor's listeners are on."""
+        if self._prepared is None:
+            self._prepared = _room_factory()
+            self._listen(self._prepared)
+        return self._prepared
 
     # -- RoomConnection -------------------------------------------------------------
 
@@ -108,19 +119,21 @@ class LiveKitRoomConnection:
         token, so ``local`` is not sent. Any failure, or no answer within the timeout, is
         ``ConnectFailed``."""
         self._room_name = room
-        rtc_room = _room_factory()
-        self._listen(rtc_room)
+        rtc_room = self.prepared_room
         subscribe_all, self._subscribe_kind = _auto_subscribe(auto_subscribe)
         options = rtc.RoomOptions(auto_subscribe=subscribe_all, connect_timeout=self._connect_timeout)
         try:
             await asyncio.wait_for(rtc_room.connect(self._url, self._token, options), self._connect_timeout)
         except asyncio.CancelledError:  # the job is shutting down mid-connect: leave no ghost agent behind
+            self._prepared = None
             supervised_task(self._abandon(rtc_room), name="room-abandon", logger=logger, tasks=self._tasks)
             raise
         except asyncio.TimeoutError:
+            self._prepared = None
             await self._abandon(rtc_room)
             raise ConnectFailed(f"no connection to {self._url} within room_connect_timeout={self._connect_timeout}s") from None
         except Exception as err:
+            self._prepared = None
             await self._abandon(rtc_room)
             detail = getattr(err, "message", "") or str(err) or type(err).__name__
             raise ConnectFailed(f"cannot join room {room!r} at {self._url}: {detail}") from None
@@ -153,10 +166,16 @@ class LiveKitRoomConnection:
         await self._bounded(self._connected().local_participant.set_metadata(metadata))
 
     async def send(self, *, topic: str, text: str | None, data: bytes | None,
-                   destination_identities: list[str]) -> None:
+                   destination_identities: list[str], stream_name: str | None = None,
+                   stream_attributes: dict[str, str] | None = None) -> None:
         local = self._connected().local_participant
+        attributes = dict(stream_attributes or {})
         if text is not None:
-            await self._bounded(local.send_text(text, topic=topic, destination_identities=destination_identities))
+            await self._bounded(local.send_text(text, topic=topic, destination_identities=destination_identities,
+                                                attributes=attributes))
+        elif stream_name is not None:
+            await self._bounded(local.send_bytes(data or b"", name=stream_name, topic=topic, attributes=attributes,
+                                                 destination_identities=destination_identities))
         else:
             await self._bounded(local.publish_data(data or b"", reliable=True, topic=topic,
                                                    destination_identities=destination_identities))
@@ -198,8 +217,9 @@ class LiveKitRoomConnection:
     def _listen(self, rtc_room: Any) -> None:
         push = self._push
         rtc_room.on("participant_connected", lambda p: push(RoomEventType.PARTICIPANT_CONNECTED, participant=participant_info(p)))
-        rtc_room.on("participant_disconnected",
-                    lambda p: push(RoomEventType.PARTICIPANT_DISCONNECTED, participant=participant_info(p)))
+        rtc_room.on("participant_disconnected", lambda p: push(
+            RoomEventType.PARTICIPANT_DISCONNECTED, participant=participant_info(p),
+            reason=int(getattr(p, "disconnect_reason", 0) or 0)))
         rtc_room.on("participant_attributes_changed", lambda changed, p: push(
             RoomEventType.PARTICIPANT_ATTRIBUTES_CHANGED, participant=participant_info(p),
             changed_attributes=dict(changed)))

@@ -85,7 +85,7 @@ class _Connection:
             return
         event = RoomEvent(seq=next(self._seq), type=type_, timestamp=time.time(), **fields)
         self.events.append(event)
-        if type_ in (RoomEventType.DATA_RECEIVED, RoomEventType.TEXT_RECEIVED):
+        if type_ in (RoomEventType.DATA_RECEIVED, RoomEventType.TEXT_RECEIVED, RoomEventType.BYTES_RECEIVED):
             sender = event.participant.identity if event.participant else ""
             self.messages.append(
                 ReceivedMessage(sender=sender, topic=event.topic, text=event.text, data=event.data)
@@ -170,7 +170,7 @@ class LocalRoomServer:
         self._closed[conn.id] = conn
         while len(self._closed) > self._settings.max_closed_connections:
             self._closed.popitem(last=False)
-        self._broadcast(room, None, RoomEventType.PARTICIPANT_DISCONNECTED, participant=conn.info)
+        self._broadcast(room, None, RoomEventType.PARTICIPANT_DISCONNECTED, participant=conn.info, reason=reason)
         if not room.participants and not room.explicit and not room.metadata:
             self._rooms.pop(room.name, None)
 
@@ -228,25 +228,35 @@ class LocalRoomServer:
 
     @endpoint(SendRequest)
     async def send(self, request: SendRequest) -> None:
-        """Deliver text (as a text stream) or bytes (as a data packet) to the others."""
+        """Deliver text (as a text stream) or bytes (as a data packet, or a byte stream when
+        ``stream_name`` is given) to the others."""
         if (request.text is None) == (request.data is None):
             raise InvalidRoomRequest("send exactly one of text or data")
+        if request.stream_name is not None and request.data is None:
+            raise InvalidRoomRequest("a byte stream (stream_name) carries data, not text")
         size = len(request.text.encode()) if request.text is not None else len(request.data or b"")
+        size += sum(len(k.encode()) + len(v.encode()) for k, v in request.stream_attributes.items())
         if size > self._settings.max_payload_bytes:
             raise InvalidRoomRequest(
                 f"payload of {size} bytes exceeds max_payload_bytes={self._settings.max_payload_bytes}"
             )
         sender = self._participant(request.who)
         room = self._rooms[request.who.room]
-        type_ = RoomEventType.TEXT_RECEIVED if request.text is not None else RoomEventType.DATA_RECEIVED
+        if request.text is not None:
+            type_ = RoomEventType.TEXT_RECEIVED
+        elif request.stream_name is not None:
+            type_ = RoomEventType.BYTES_RECEIVED
+        else:
+            type_ = RoomEventType.DATA_RECEIVED
         targets = set(request.destination_identities)
-        stream_id = uuid.uuid4().hex if request.text is not None else ""
+        stream_id = uuid.uuid4().hex if type_ != RoomEventType.DATA_RECEIVED else ""
         for identity, conn in room.participants.items():
             if identity == sender.info.identity or (targets and identity not in targets):
                 continue
             conn.push(
                 type_, participant=sender.info, topic=request.topic,
                 text=request.text, data=request.data, stream_id=stream_id,
+                stream_name=request.stream_name or "", stream_attributes=request.stream_attributes,
             )
 
     @endpoint(PollRequest)
@@ -395,9 +405,11 @@ class LocalRoomConnection:
         await self._call("set_metadata", SetMetadataRequest(who=self._who, metadata=metadata))
 
     async def send(self, *, topic: str, text: str | None, data: bytes | None,
-                   destination_identities: list[str]) -> None:
+                   destination_identities: list[str], stream_name: str | None = None,
+                   stream_attributes: dict[str, str] | None = None) -> None:
         request = SendRequest(
-            who=self._who, topic=topic, text=text, data=data, destination_identities=destination_identities
+            who=self._who, topic=topic, text=text, data=data, destination_identities=destination_identities,
+            stream_name=stream_name, stream_attributes=dict(stream_attributes or {}),
         )
         await self._call("send", request)
 
@@ -441,6 +453,13 @@ class LocalParticipant:
     def send_text(self, text: str, *, topic: str = "", destination_identities: list[str] | None = None) -> None:
         self._rooms._call("send", SendRequest.build(
             who=self._who, topic=topic, text=text, destination_identities=destination_identities or []))
+
+    def send_bytes(self, data: bytes, *, name: str = "unknown", topic: str = "",
+                   destination_identities: list[str] | None = None) -> None:
+        """Send ``data`` as a byte stream named ``name`` (``register_byte_stream_handler`` receives it)."""
+        self._rooms._call("send", SendRequest.build(
+            who=self._who, topic=topic, data=bytes(data), stream_name=name,
+            destination_identities=destination_identities or []))
 
     def publish_data(self, payload: bytes | str, *, topic: str = "",
                      destination_identities: list[str] | None = None) -> None:

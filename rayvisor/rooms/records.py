@@ -33,6 +33,8 @@ class RoomEventType(str, enum.Enum):
     DATA_RECEIVED = "data_received"
     TEXT_RECEIVED = "text_received"
     """A text stream (``send_text``); delivered to ``register_text_stream_handler`` handlers."""
+    BYTES_RECEIVED = "bytes_received"
+    """A byte stream (``send_bytes``); delivered to ``register_byte_stream_handler`` handlers."""
     DISCONNECTED = "disconnected"
     NATIVE = "native"
     """An rtc event whose arguments are rtc objects (LiveKit backend only; ``topic`` names it)."""
@@ -68,6 +70,10 @@ class RoomEvent(RoomRecord):
     reason: int = 0
     """For ``disconnected``: an ``rtc.DisconnectReason`` value."""
     stream_id: str = ""
+    stream_name: str = ""
+    """For ``bytes_received``: the byte stream's name (a file name)."""
+    stream_attributes: dict[str, str] = {}
+    """For text and byte streams: the attributes the sender gave the stream."""
     timestamp: float = 0.0
 
 
@@ -108,13 +114,16 @@ class SetMetadataRequest(RoomRecord):
 
 @register
 class SendRequest(RoomRecord):
-    """Text (a text stream) or bytes (a data packet) from one participant."""
+    """Text (a text stream) or bytes (a data packet, or a byte stream when ``stream_name``
+    is given) from one participant."""
 
     who: ParticipantRef
     topic: str = ""
     text: str | None = None
     data: bytes | None = None
     destination_identities: list[str] = []
+    stream_name: str | None = None
+    stream_attributes: dict[str, str] = {}
 
 
 @register
@@ -194,6 +203,8 @@ class RelayRequest(RoomRecord):
     text: str | None = None
     data: bytes | None = None
     destination_identities: list[str] = []
+    stream_name: str | None = None
+    stream_attributes: dict[str, str] = {}
     attributes: dict[str, str] = {}
     metadata: str = ""
     reason: str = ""

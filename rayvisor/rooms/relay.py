@@ -92,10 +92,12 @@ class RelayConnection:
         await self._relay(RelayRequest.build(action=RelayAction.SET_METADATA, metadata=metadata))
 
     async def send(self, *, topic: str, text: str | None, data: bytes | None,
-                   destination_identities: list[str]) -> None:
+                   destination_identities: list[str], stream_name: str | None = None,
+                   stream_attributes: dict[str, str] | None = None) -> None:
         await self._relay(RelayRequest.build(
             action=RelayAction.SEND, topic=topic, text=text, data=data,
-            destination_identities=destination_identities))
+            destination_identities=destination_identities, stream_name=stream_name,
+            stream_attributes=dict(stream_attributes or {})))
 
     async def disconnect(self) -> None:
         self.close()
