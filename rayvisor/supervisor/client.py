@@ -17,6 +17,8 @@ from ray import cloudpickle
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from ..actors.inference import stop_inference_actors
+from ..agents.livekit_agents_options import as_rayvisor_options
 from ..agents.options import WorkerOptions, secret_hidden_from_children
 from ..errors import InternalError, SupervisorNotFound, SupervisorUnavailable, WaitTimeout
 from ..messages import (
@@ -83,17 +85,20 @@ def ship_agent_code(opts: WorkerOptions) -> None:
         cloudpickle.register_pickle_by_value(module)
 
 
-def serve(opts: WorkerOptions, *, address: str | None = None, namespace: str = DEFAULT_NAMESPACE,
+def serve(opts: WorkerOptions | Any, *, address: str | None = None, namespace: str = DEFAULT_NAMESPACE,
           call_timeout: float = DEFAULT_CALL_TIMEOUT, log_format: str = "json", register_worker: bool = False,
           **ray_init_kwargs: Any) -> "Client":
     """Start (or attach to) the namespace's supervisor and register ``opts``' agent.
 
+    ``opts``: rayvisor ``WorkerOptions``, or livekit-agents' ``WorkerOptions``/``ServerOptions``
+    or ``AgentServer`` (converted by ``as_rayvisor_options``; ``InvalidAgent`` otherwise).
     With no ``address`` and no Ray running, Ray is started inside this driver, so
     ``ray.shutdown()`` here removes everything. The supervisor and the local room
     server are pinned to this driver's node. ``register_worker``: also register the agent
     as a worker with its LiveKit server (what ``rayvisor dev``/``start`` do when LiveKit
     is configured), so the server's dispatches reach this cluster.
     """
+    opts = as_rayvisor_options(opts)
     ensure_ray(address, **ray_init_kwargs)
     ship_agent_code(opts)
     here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
@@ -217,7 +222,8 @@ class Client:
 
     def stop(self, timeout: float = 120.0) -> None:
         """Shut every job down through the protocol (new submits get ``Draining``), then remove
-        the supervisor, the local rooms, and any job actor still alive after ``timeout``."""
+        the supervisor, the local rooms, the nodes' inference actors, and any job actor still
+        alive after ``timeout``."""
         try:
             self._call("stop", JobIdRequest(job_id=""), Ack, timeout=timeout, retry=False)
         except SupervisorUnavailable:
@@ -231,6 +237,7 @@ class Client:
                         ray.kill(ray.get_actor(name, namespace=self.namespace), no_restart=True)
                     except ValueError:
                         pass  # ended meanwhile
+            stop_inference_actors(self.namespace)  # detached, shared by the jobs of each node
 
     def wait_for_state(self, job_id: str, *states: Any, timeout: float = 10.0, poll: float = 0.02) -> JobInfo:
         """Poll ``status`` until the job is in one of ``states`` (``WaitTimeout`` otherwise)."""

@@ -82,8 +82,11 @@ from .pool import WarmPools
 from .start_slots import StartSlots
 from .store import AttemptEndRecord, JobSnapshot, SupervisorStore, monotonic_to_wall, wall_to_monotonic
 from .worker_bridge import WorkerLoad
+from ..actors import main_thread_registries
 
 logger = logging.getLogger("rayvisor.supervisor")
+
+main_thread_registries.install_in_ray_workers()  # agents' livekit plugins load on actor threads
 
 SUPERVISOR_NAME = "rayvisor-supervisor"
 LIVE_BEFORE_SHUTDOWN = (JobState.PENDING, JobState.STARTING, JobState.RUNNING)
