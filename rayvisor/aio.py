@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 from collections.abc import Coroutine
 from typing import Any
@@ -14,13 +15,15 @@ def supervised_task(
     name: str,
     logger: logging.Logger,
     tasks: set[asyncio.Task[Any]] | None = None,
+    context: contextvars.Context | None = None,
 ) -> asyncio.Task[Any]:
     """Start ``coro`` as a task whose failure is logged instead of silently dropped.
 
     If ``tasks`` is given the task is kept there (a strong reference, so it is not
-    garbage-collected mid-flight) until it finishes.
+    garbage-collected mid-flight) until it finishes. ``context``: the ``contextvars`` context
+    the task runs in (default: a copy of the caller's).
     """
-    task = asyncio.get_running_loop().create_task(coro, name=name)
+    task = asyncio.get_running_loop().create_task(coro, name=name, context=context)
     if tasks is not None:
         tasks.add(task)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 from collections.abc import Callable, Iterator
@@ -12,6 +13,11 @@ import pytest
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # tests only; production keeps Ray's token auth
 for _name in ("LIVEKIT_URL", "LIVEKIT_API_KEY", "LIVEKIT_API_SECRET"):  # the local backend unless a test says so
     os.environ.pop(_name, None)
+
+# Ray workers (started from this process's environment) can import the tests' own helper
+# modules, e.g. lk_plugin_fixture: a stand-in plugin that agent code imports by reference.
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (TESTS_DIR, os.environ.get("PYTHONPATH", "")) if p)
 
 import ray  # noqa: E402
 
@@ -38,6 +44,18 @@ def ray_session() -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def rayvisor_logging_restored() -> Iterator[None]:
+    """Undo what a test's in-process CLI run does to the ``rayvisor`` logger (``logs.configure``
+    stops propagation), so later tests' ``caplog`` still sees rayvisor's records."""
+    logger = logging.getLogger("rayvisor")
+    handlers, level, propagate = list(logger.handlers), logger.level, logger.propagate
+    yield
+    logger.handlers[:] = handlers
+    logger.setLevel(level)
+    logger.propagate = propagate
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import ray
 from livekit import rtc
 
-from ..agents.job import JobContext, JobProcess, LiveKitAccess, make_job
+from ..agents.job import JobProcess, LiveKitAccess, job_context_class, make_job
 from ..agents.options import EndWhen, WorkerOptions, forget_secret
 from ..agents.room import RemoteParticipant
 from ..aio import supervised_task
@@ -47,8 +47,11 @@ from ..rooms.records import RelayAction, RelayRequest
 from .memory import MemoryMonitor
 from .participants import ParticipantManager
 from .lifecycle import cancel_and_wait, describe_exception, join_errors, run_shutdown_callbacks
+from . import main_thread_registries
 
 logger = logging.getLogger("rayvisor.job")
+
+main_thread_registries.install_in_ray_workers()  # agents' livekit plugins load on actor threads
 
 ROOM_ENDING_KINDS = frozenset({
     rtc.ParticipantKind.PARTICIPANT_KIND_STANDARD,
@@ -77,7 +80,8 @@ class JobRunner:
 
     def __init__(self, opts: WorkerOptions, start: JobStart, proc: JobProcess,
                  connection: RoomConnection, reporter: JobReporter,
-                 job_actor: Callable[[], Any] = lambda: None, livekit: LiveKitAccess | None = None) -> None:
+                 job_actor: Callable[[], Any] = lambda: None, livekit: LiveKitAccess | None = None,
+                 namespace: str = "") -> None:
         self._opts = opts
         self._start = start
         self._reporter = reporter
@@ -90,7 +94,7 @@ class JobRunner:
         self._outcome: JobOutcome | None = None
         self._reports = 0
         self._tasks: set[asyncio.Task[Any]] = set()
-        self.ctx = JobContext(
+        self.ctx = job_context_class(bool(opts.livekit_agents_context))(
             job=make_job(job_id=start.job_id, room=start.room, metadata=start.metadata,
                          agent_name=start.agent_name, dispatch_id=start.dispatch_id),
             proc=proc,
@@ -104,10 +108,11 @@ class JobRunner:
             participant_attributes=start.attributes,
             participant_metadata=start.participant_metadata,
             livekit=livekit,
+            namespace=namespace,
         )
         self.participants = ParticipantManager(
             ctx=self.ctx, opts=opts, start=start, job_actor=job_actor, on_change=self._on_participants_changed)
-        room = self.ctx.room
+        room = self.ctx._room
         room.on("connected", self._on_participants_changed)
         room.on("connected", self.participants.on_connected)
         room._listen_records(self.participants.on_record)
@@ -122,7 +127,8 @@ class JobRunner:
         if self.state != RunnerState.CREATED:
             return
         self.state = RunnerState.RUNNING
-        self._entry_task = asyncio.get_running_loop().create_task(self._run_entrypoint(), name="entrypoint")
+        self._entry_task = asyncio.get_running_loop().create_task(
+            self._run_entrypoint(), name="entrypoint", context=self.ctx._task_context())
 
     async def _run_entrypoint(self) -> None:
         try:
@@ -153,7 +159,8 @@ class JobRunner:
                 job_id=self._start.job_id, attempt=self._start.attempt, cause=cause, reason=reason, error=error))
         # Children start stopping now, alongside the entrypoint's cancellation, within their share.
         self.participants.begin_stop_all(self._opts.shutdown_process_timeout)
-        supervised_task(self._shutdown(), name="job-shutdown", logger=logger, tasks=self._tasks)
+        supervised_task(self._shutdown(), name="job-shutdown", logger=logger, tasks=self._tasks,
+                        context=self.ctx._task_context())
 
     async def _shutdown(self) -> None:
         error = await cancel_and_wait(self._entry_task, logger)
@@ -162,13 +169,13 @@ class JobRunner:
         await self.participants.wait_stopped()
         self._errors += await run_shutdown_callbacks(self.ctx.shutdown_callbacks, self._reason, logger)
         try:
-            await asyncio.wait_for(self.ctx.room._disconnect(), self._opts.control_call_timeout)
+            await asyncio.wait_for(self.ctx._room._disconnect(), self._opts.control_call_timeout)
         except Exception as err:
             logger.warning("leaving the room failed: %r", err)
         try:
-            await asyncio.wait_for(self.ctx._close_api(), self._opts.control_call_timeout)
+            await asyncio.wait_for(self.ctx._release(), self._opts.control_call_timeout)
         except Exception as err:
-            logger.warning("closing ctx.api failed: %r", err)
+            logger.warning("releasing the job context (ctx.api, HTTP session) failed: %r", err)
         assert self._cause is not None
         self._outcome = JobOutcome(
             state=JobState.FAILED if self._errors else JobState.SUCCEEDED,
@@ -204,7 +211,7 @@ class JobRunner:
     def _on_participants_changed(self, _participant: RemoteParticipant | None = None) -> None:
         self._reports += 1
         self._reporter.participants_changed(ParticipantsChanged(
-            job_id=self._start.job_id, attempt=self._start.attempt, version=self._reports, identities=sorted(self.ctx.room.remote_participants),
+            job_id=self._start.job_id, attempt=self._start.attempt, version=self._reports, identities=sorted(self.ctx._room.remote_participants),
             actors=self.participants.infos()))
 
     async def relay(self, request: RelayRequest) -> None:
@@ -214,7 +221,7 @@ class JobRunner:
         elif request.action == RelayAction.DELETE_ROOM:
             await self.ctx.delete_room()
         else:
-            local = self.ctx.room.local_participant
+            local = self.ctx._room.local_participant
             if request.action == RelayAction.SEND and request.text is not None:
                 await local.send_text(request.text, topic=request.topic,
                                       destination_identities=request.destination_identities)
@@ -230,7 +237,7 @@ class JobRunner:
         self._on_participants_changed()
         if self._opts.end_when != EndWhen.ROOM_EMPTY or participant.kind not in ROOM_ENDING_KINDS:
             return
-        if not any(p.kind in ROOM_ENDING_KINDS for p in self.ctx.room.remote_participants.values()):
+        if not any(p.kind in ROOM_ENDING_KINDS for p in self.ctx._room.remote_participants.values()):
             self.request_shutdown(Cause.ROOM_EMPTY, "all standard and SIP participants left")
 
     def _on_disconnected(self, reason: int) -> None:
@@ -304,7 +311,7 @@ class JobActor:
         self._configure_logging(start)
         self._prewarm()
         connection: RoomConnection
-        livekit = LiveKitAccess(url=start.url, api_token=start.api_token) if start.url else None
+        livekit = LiveKitAccess(url=start.url, api_token=start.api_token, room_token=start.token) if start.url else None
         if livekit is not None:
             connection = LiveKitRoomConnection(
                 start.url, start.token, connect_timeout=self._opts.room_connect_timeout,
@@ -313,7 +320,7 @@ class JobActor:
             connection = LocalRoomConnection(self._namespace, call_timeout=self._opts.control_call_timeout)
         runner = self._runner = JobRunner(
             self._opts, start, self._proc, connection, _SupervisorReporter(self._supervisor),
-            job_actor=lambda: ray.get_runtime_context().current_actor, livekit=livekit)
+            job_actor=lambda: ray.get_runtime_context().current_actor, livekit=livekit, namespace=self._namespace)
         self._runner_ready.set()
         self._memory = MemoryMonitor(
             interval=self._opts.memory_check_interval,

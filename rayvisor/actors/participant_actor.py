@@ -17,15 +17,18 @@ import ray
 
 from ..agents.job import JobProcess, LiveKitAccess, make_job
 from ..agents.options import forget_secret
-from ..agents.participant import ParticipantContext
+from ..agents.participant import participant_context_class
 from ..agents.room import RemoteParticipant, Room
 from ..messages import Ack, ActorStarted, ParticipantActorState, ParticipantCause, decode, encode
 from ..rooms.records import EventDelivery
 from ..rooms.relay import RelayConnection
 from .lifecycle import cancel_and_wait, describe_exception, join_errors, run_shutdown_callbacks
 from .records import ParticipantOutcome, ParticipantStart, ParticipantStop
+from . import main_thread_registries
 
 logger = logging.getLogger("rayvisor.participant")
+
+main_thread_registries.install_in_ray_workers()  # agents' livekit plugins load on actor threads
 
 
 class _Phase(str, enum.Enum):
@@ -46,12 +49,13 @@ class ParticipantRunner:
         self._call_timeout = call_timeout
         self.connection = RelayConnection(job_actor, start.snapshot, call_timeout=call_timeout)
         self.room = Room(start.room)
-        self.ctx = ParticipantContext(
+        self.ctx = participant_context_class(start.livekit_agents_context)(
             job=make_job(job_id=start.job_id, room=start.room, metadata=start.metadata,
                          agent_name=start.agent_name, dispatch_id=start.dispatch_id),
             room=self.room, proc=JobProcess(), worker_id=start.worker_id,
             request_job_shutdown=self.connection.request_shutdown,
             livekit=LiveKitAccess(url=start.url, api_token=start.api_token) if start.url else None,
+            agent_identity=start.snapshot.local.identity, namespace=start.namespace,
         )
         self.phase = _Phase.CREATED
         self._entry_task: asyncio.Task[None] | None = None
@@ -71,7 +75,8 @@ class ParticipantRunner:
         if self.phase != _Phase.CREATED:
             return
         self.phase = _Phase.RUNNING
-        self._entry_task = asyncio.get_running_loop().create_task(self._run(participant), name="participant-entrypoint")
+        self._entry_task = asyncio.get_running_loop().create_task(
+            self._run(participant), name="participant-entrypoint", context=self.ctx._task_context())
         # Scheduled after the entrypoint's first step, so handlers it registers up front see
         # every event delivered since the child was created.
         self.room._start_events(self._poll_timeout)
@@ -92,7 +97,8 @@ class ParticipantRunner:
             return
         self.phase = _Phase.STOPPING
         self._cause, self._reason = cause, reason
-        self._shutdown_task = asyncio.get_running_loop().create_task(self._shutdown(), name="participant-shutdown")
+        self._shutdown_task = asyncio.get_running_loop().create_task(
+            self._shutdown(), name="participant-shutdown", context=self.ctx._task_context())
 
     async def _shutdown(self) -> None:
         error = await cancel_and_wait(self._entry_task, logger)
@@ -101,9 +107,9 @@ class ParticipantRunner:
         self._errors += await run_shutdown_callbacks(self.ctx.shutdown_callbacks, self._reason, logger)
         await self.room._disconnect()
         try:
-            await asyncio.wait_for(self.ctx._close_api(), self._call_timeout)
+            await asyncio.wait_for(self.ctx._release(), self._call_timeout)
         except Exception as err:
-            logger.warning("closing ctx.api failed: %r", err)
+            logger.warning("releasing the participant context (ctx.api, HTTP session) failed: %r", err)
         self._outcome = ParticipantOutcome(
             state=ParticipantActorState.FAILED if self._errors else ParticipantActorState.STOPPED,
             cause=self._cause, error=join_errors(self._errors),

@@ -109,12 +109,12 @@ class ParticipantManager:
 
     def on_entrypoint(self, entry: ParticipantEntrypoint) -> None:
         """A new entrypoint: start it for everyone already in the room."""
-        if self._ctx.room.isconnected():
-            for identity in list(self._ctx.room.remote_participants):
+        if self._ctx._room.isconnected():
+            for identity in list(self._ctx._room.remote_participants):
                 self._ensure(identity, entry)
 
     def on_connected(self) -> None:
-        for identity in list(self._ctx.room.remote_participants):
+        for identity in list(self._ctx._room.remote_participants):
             for entry in self._ctx.participant_entrypoints:
                 self._ensure(identity, entry)
 
@@ -162,7 +162,7 @@ class ParticipantManager:
         return supervised_task(coro, name=name, logger=logger, tasks=self._tasks)
 
     def _ensure(self, identity: str, entry: ParticipantEntrypoint) -> None:
-        participant = self._ctx.room.remote_participants.get(identity)
+        participant = self._ctx._room.remote_participants.get(identity)
         if self._stopping or participant is None or not entry.wants(participant):
             return
         key = (identity, self._sessions.get(identity, 0), entry.index)
@@ -207,7 +207,7 @@ class ParticipantManager:
             child.finished.set()
 
     def _present(self, child: _Child) -> bool:
-        return (child.identity in self._ctx.room.remote_participants
+        return (child.identity in self._ctx._room.remote_participants
                 and self._sessions.get(child.identity, 0) == child.session)
 
     def _may_restart(self, child: _Child) -> bool:
@@ -224,17 +224,18 @@ class ParticipantManager:
         return True
 
     async def _run_actor(self, child: _Child) -> None:
-        info = self._ctx.room._participant_info(child.identity)
+        info = self._ctx._room._participant_info(child.identity)
         if info is None or not self._present(child):  # joined and left before we got here
             self._end(child, ParticipantActorState.STOPPED, ParticipantCause.PARTICIPANT_LEFT, None)
             return
-        room = self._ctx.room
+        room = self._ctx._room
         start = ParticipantStart(
             job_id=self._start.job_id, room=self._start.room, metadata=self._start.metadata,
             agent_name=self._start.agent_name, dispatch_id=self._start.dispatch_id, worker_id=self._start.worker_id,
             snapshot=RoomSnapshot(room=room.name, metadata=room.metadata, connection_id="",
                                   local=room._local_info, participants=[info]),
-            url=self._start.url, api_token=self._start.api_token,
+            url=self._start.url, api_token=self._start.api_token, namespace=self._ctx._namespace,
+            livekit_agents_context=bool(self._opts.livekit_agents_context),
         )
         try:
             handle = ParticipantActor.options(
@@ -282,13 +283,14 @@ class ParticipantManager:
         self._end(child, outcome.state, child.stop_cause or outcome.cause, outcome.error)
 
     async def _run_task(self, child: _Child) -> None:
-        participant = self._ctx.room.remote_participants.get(child.identity)
+        participant = self._ctx._room.remote_participants.get(child.identity)
         if participant is None or not self._present(child):
             self._end(child, ParticipantActorState.STOPPED, ParticipantCause.PARTICIPANT_LEFT, None)
             return
         child.pid, child.node_id = os.getpid(), ray.get_runtime_context().get_node_id()
         child.state = ParticipantActorState.RUNNING
-        child.task = asyncio.get_running_loop().create_task(child.entry.fnc(self._ctx, participant))
+        child.task = asyncio.get_running_loop().create_task(
+            child.entry.fnc(self._ctx, self._ctx._as_seen_by_user(participant)), context=self._ctx._task_context())
         self._changed()
         try:
             await asyncio.shield(child.task)

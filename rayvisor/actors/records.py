@@ -23,6 +23,10 @@ class ParticipantStart(Record):
     """LiveKit backend: the server, for ``ctx.api``."""
     api_token: str = ""
     """LiveKit backend: the job's server API token (``ctx.api``)."""
+    namespace: str = ""
+    """The rayvisor namespace the job is served in (per-namespace services: inference actors)."""
+    livekit_agents_context: bool = False
+    """Give the entrypoint livekit-agents' ``JobContext`` (``WorkerOptions.livekit_agents_context``)."""
 
 
 @register

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import inspect
 import os
 from collections.abc import Callable, Coroutine
@@ -13,7 +14,7 @@ from livekit import rtc
 from livekit.protocol import agent as agent_proto
 from livekit.protocol import models as models_proto
 
-from ..errors import ConnectFailed, DuplicateEntrypoint, InvalidAgent, LiveKitNotConfigured, NotConnected
+from ..errors import ConnectFailed, DuplicateEntrypoint, InvalidAgent, LiveKitNotConfigured, NotConnected, NotSupported
 from ..messages import Cause
 from ..rooms.base import RoomConnection
 from ..rooms.records import ParticipantInfo
@@ -27,6 +28,9 @@ ShutdownCallback = Callable[[], Coroutine[Any, Any, None]] | Callable[[str], Cor
 ShutdownHook = Callable[[Cause, str, "str | None"], None]
 """``(cause, reason, error)``: start the job's shutdown protocol."""
 ParticipantEntrypointFnc = Callable[[Any, RemoteParticipant], Coroutine[Any, Any, None]]
+
+UNSUPPORTED_CONNECT_OPTIONS = frozenset({"encryption", "e2ee", "rtc_config"})
+"""livekit-agents' ``connect`` options rayvisor's rooms cannot honour (refused, not dropped)."""
 
 DEFAULT_PARTICIPANT_KINDS = (
     rtc.ParticipantKind.PARTICIPANT_KIND_SIP,
@@ -58,6 +62,8 @@ class LiveKitAccess:
 
     url: str
     api_token: str
+    room_token: str = ""
+    """The job's room token (livekit-agents' ``RunningJobInfo.token``); empty in participant actors."""
 
 
 class JobProcess:
@@ -66,6 +72,10 @@ class JobProcess:
     def __init__(self) -> None:
         self.userdata: dict[str, Any] = {}
         self.pid = os.getpid()
+        self.user_arguments: Any = None
+        """livekit-agents' field; rayvisor passes none."""
+        self.http_proxy: str | None = None
+        """The proxy ``http_context.http_session()`` uses (livekit-agents' field); none by default."""
 
 
 class BaseContext:
@@ -73,8 +83,10 @@ class BaseContext:
     the process, the worker id, log fields and shutdown callbacks."""
 
     def __init__(self, *, job: agent_proto.Job, room: Room, proc: JobProcess, worker_id: str,
-                 livekit: LiveKitAccess | None = None) -> None:
+                 livekit: LiveKitAccess | None = None, namespace: str = "") -> None:
         self._livekit = livekit
+        self._namespace = namespace
+        """The rayvisor namespace the job is served in (per-namespace services: inference actors)."""
         self._api: api.LiveKitAPI | None = None
         self._job = job
         self._room = room
@@ -120,6 +132,20 @@ class BaseContext:
         if client is not None:
             await client.aclose()
 
+    def _task_context(self) -> contextvars.Context | None:
+        """The ``contextvars`` context the job's own tasks (entrypoint, shutdown) run in; None:
+        the caller's. livekit-agents' context sets its job context and HTTP session here."""
+        return None
+
+    def _as_seen_by_user(self, participant: RemoteParticipant) -> Any:
+        """The object user code gets for ``participant`` (the facade's; livekit-agents' context
+        on the LiveKit backend gives the ``rtc.RemoteParticipant`` of ``ctx.room``)."""
+        return participant
+
+    async def _release(self) -> None:
+        """Free what the context holds once its shutdown callbacks ran (``ctx.api`` ...)."""
+        await self._close_api()
+
     @property
     def log_context_fields(self) -> dict[str, Any]:
         """Fields added to every log record the job's process writes."""
@@ -162,8 +188,10 @@ class JobContext(BaseContext):
         participant_attributes: dict[str, str] | None = None,
         participant_metadata: str = "",
         livekit: LiveKitAccess | None = None,
+        namespace: str = "",
     ) -> None:
-        super().__init__(job=job, room=Room(job.room.name), proc=proc, worker_id=worker_id, livekit=livekit)
+        super().__init__(job=job, room=Room(job.room.name), proc=proc, worker_id=worker_id, livekit=livekit,
+                         namespace=namespace)
         self._participant_name = participant_name
         self._participant_attributes = dict(participant_attributes or {})
         self._participant_metadata = participant_metadata
@@ -175,16 +203,28 @@ class JobContext(BaseContext):
         self._participant_waiters: list[tuple[asyncio.Future[RemoteParticipant], Callable[[RemoteParticipant], bool]]] = []
         self._participant_entrypoints: list[ParticipantEntrypoint] = []
         self._on_participant_entrypoint = on_participant_entrypoint
+        self._connect_lock = asyncio.Lock()
         self._room.on("participant_connected", self._on_participant_connected)
 
     # -- what the entrypoint does -------------------------------------------------
 
-    async def connect(self, *, auto_subscribe: AutoSubscribe = AutoSubscribe.SUBSCRIBE_ALL, **_: Any) -> None:
-        """Join the job's room as the agent participant (``agent-<job id>``, kind AGENT).
+    async def connect(self, *, auto_subscribe: AutoSubscribe = AutoSubscribe.SUBSCRIBE_ALL, **options: Any) -> None:
+        """Join the job's room as the agent participant (``agent-<job id>``, kind AGENT); a
+        no-op once joined, and concurrent calls join once (AgentSession.start connects too).
 
         If the room cannot be joined the job ends with cause ``connect_failed`` and this
-        raises ``ConnectFailed``."""
-        self._auto_subscribe = AutoSubscribe(auto_subscribe)
+        raises ``ConnectFailed``. livekit-agents' ``encryption``/``e2ee`` and ``rtc_config``
+        are not supported: given, they raise ``NotSupported`` rather than being dropped."""
+        unsupported = sorted(name for name, value in options.items()
+                             if value is not None and name in UNSUPPORTED_CONNECT_OPTIONS)
+        if unsupported:
+            raise NotSupported(f"ctx.connect({', '.join(unsupported)}=...) is not supported by rayvisor's rooms")
+        async with self._connect_lock:
+            if not self._room.isconnected():
+                await self._connect_once(AutoSubscribe(auto_subscribe))
+
+    async def _connect_once(self, auto_subscribe: AutoSubscribe) -> None:
+        self._auto_subscribe = auto_subscribe
         attributes = {"lk.agent.name": self._job.agent_name} if self._job.agent_name else {}
         local = ParticipantInfo(
             identity=self._identity,
@@ -257,6 +297,16 @@ class JobContext(BaseContext):
     async def delete_room(self) -> None:
         """End the session for everyone: delete the room (the job ends with ``room_deleted``)."""
         await self._room._delete()
+
+
+def job_context_class(livekit_agents: bool) -> type[JobContext]:
+    """rayvisor's ``JobContext``, or (``WorkerOptions.livekit_agents_context``) livekit-agents'
+    flavour of it, imported only then: livekit-agents costs about a second and 45 MB per process."""
+    if livekit_agents:
+        from .livekit_agents_context import AgentsJobContext
+
+        return AgentsJobContext
+    return JobContext
 
 
 def make_job(*, job_id: str, room: str, metadata: str, agent_name: str, dispatch_id: str) -> agent_proto.Job:

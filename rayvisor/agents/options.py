@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import importlib.util
 import inspect
 import math
 import os
+import types
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -79,6 +81,19 @@ def forget_secret() -> None:
     """Drop ``LIVEKIT_API_SECRET`` from a job process's environment (a cluster whose nodes
     were started with it exported would otherwise hand it to every job)."""
     os.environ.pop(SECRET_ENV, None)
+
+
+LIVEKIT_AGENTS_MODULES = ("livekit.agents", "livekit.plugins")
+
+
+def uses_livekit_agents(fnc: Callable[..., Any]) -> bool:
+    """Whether the module that defines ``fnc`` uses livekit-agents: one of its globals is a
+    module, class or function from ``livekit.agents`` or ``livekit.plugins``."""
+    for value in list(getattr(fnc, "__globals__", {}).values()):
+        name = value.__name__ if isinstance(value, types.ModuleType) else getattr(value, "__module__", None)
+        if isinstance(name, str) and name.startswith(LIVEKIT_AGENTS_MODULES):
+            return True
+    return False
 
 
 def _from_env(name: str) -> Callable[[], str]:
@@ -168,6 +183,12 @@ class WorkerOptions:
     pool_backoff_initial: float = 0.5
     """First delay before replacing an idle actor whose prewarm failed; doubles each failure."""
     pool_backoff_max: float = 30.0
+
+    livekit_agents_context: bool | None = None
+    """Give jobs livekit-agents' own ``JobContext`` (``get_job_context()``, the per-job
+    ``http_context.http_session()``, AgentSession's hooks). None: yes when the module that
+    defines ``entrypoint_fnc`` uses ``livekit.agents`` or ``livekit.plugins`` (decided here,
+    where the agent is defined; job processes of other agents never import livekit-agents)."""
 
     isolate_participants: bool = True
     """Run each participant entrypoint in its own child actor (crash isolation); False runs
@@ -293,6 +314,12 @@ class WorkerOptions:
                 isinstance(k, str) and _finite_number(v) and v >= 0 for k, v in self.job_resources.items()):
             raise InvalidAgent("job_resources must map resource names to non-negative amounts")
         self._validate_livekit()
+        if self.livekit_agents_context is None:
+            object.__setattr__(self, "livekit_agents_context", uses_livekit_agents(self.entrypoint_fnc))
+        elif not isinstance(self.livekit_agents_context, bool):
+            raise InvalidAgent(f"livekit_agents_context must be a bool or None, got {self.livekit_agents_context!r}")
+        if self.livekit_agents_context and importlib.util.find_spec("livekit.agents") is None:
+            raise InvalidAgent("livekit_agents_context needs livekit-agents: pip install 'rayvisor[agents]'")
 
     def _validate_livekit(self) -> None:
         given = {name: getattr(self, name) for name in LIVEKIT_ENV}

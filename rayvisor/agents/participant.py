@@ -12,6 +12,15 @@ from .job import BaseContext, JobProcess, LiveKitAccess
 from .room import RemoteParticipant, Room
 
 
+def participant_context_class(livekit_agents: bool) -> type["ParticipantContext"]:
+    """rayvisor's ``ParticipantContext``, or livekit-agents' flavour of it (see ``job_context_class``)."""
+    if livekit_agents:
+        from .livekit_agents_context import AgentsParticipantContext
+
+        return AgentsParticipantContext
+    return ParticipantContext
+
+
 class ParticipantContext(BaseContext):
     """What ``async def entry(ctx, participant)`` sees when it runs in its own actor.
 
@@ -23,9 +32,11 @@ class ParticipantContext(BaseContext):
     """
 
     def __init__(self, *, job: agent_proto.Job, room: Room, proc: JobProcess, worker_id: str,
-                 request_job_shutdown: Callable[[str], None], livekit: LiveKitAccess | None = None) -> None:
-        super().__init__(job=job, room=room, proc=proc, worker_id=worker_id, livekit=livekit)
+                 request_job_shutdown: Callable[[str], None], livekit: LiveKitAccess | None = None,
+                 agent_identity: str = "", namespace: str = "") -> None:
+        super().__init__(job=job, room=room, proc=proc, worker_id=worker_id, livekit=livekit, namespace=namespace)
         self._request_job_shutdown = request_job_shutdown
+        self._agent_identity = agent_identity
 
     async def connect(self, **_: Any) -> None:
         """Nothing to do: a participant actor uses its job's connection."""
