@@ -21,6 +21,7 @@ from ray.util.annotations import RayDeprecationWarning
 
 from . import logs
 from .agent_loader import load_agent
+from .agents.livekit_agents_options import as_rayvisor_options, convert
 from .agents.options import WorkerOptions
 from .errors import InvalidMetadata, RayvisorError, SupervisorUnavailable
 from .messages import JobInfo, JobSpec, Transition
@@ -215,8 +216,9 @@ namespace_option = click.option("--namespace", default=DEFAULT_NAMESPACE, show_d
 attach_option = click.option("--address", default="auto", show_default=True, help="Ray address to attach to.")
 
 
-def build_cli(opts: WorkerOptions | None = None) -> click.Group:
-    """The command group; with ``opts`` (``cli.run_app``) ``dev``/``start`` run that agent."""
+def build_cli(opts: WorkerOptions | Any = None) -> click.Group:
+    """The command group; with ``opts`` (``cli.run_app``) ``dev``/``start`` run that agent.
+    ``opts`` may also be livekit-agents' ``WorkerOptions``/``ServerOptions`` or ``AgentServer``."""
 
     @click.group(help="Run LiveKit-Agents-style jobs on a Ray cluster.")
     @click.option("--verbose", is_flag=True,
@@ -233,7 +235,10 @@ def build_cli(opts: WorkerOptions | None = None) -> click.Group:
         def run(ctx: click.Context, address: str | None, namespace: str, agent: str | None = None,
                 agent_name: str | None = None) -> None:
             with _errors_as_messages():
-                loaded = opts if opts is not None else load_agent(agent or "", agent_name=agent_name)
+                logs.configure(mode)  # before loading: warnings about ignored options use the mode's format
+                devmode = mode == "dev"
+                loaded = (as_rayvisor_options(opts, devmode=devmode) if opts is not None
+                          else load_agent(agent or "", agent_name=agent_name, devmode=devmode))
                 _run_worker(loaded, mode=mode, address=address, namespace=namespace, ray_output=_ray_output())
 
         command = click.Command(mode, callback=run, help=help_text, params=params)
@@ -262,7 +267,7 @@ def build_cli(opts: WorkerOptions | None = None) -> click.Group:
                 raise click.UsageError("give --metadata or --raw-metadata, not both")
             text = _check_json(metadata) if metadata is not None else (raw_metadata or "")
             if opts is not None and agent_name is None:
-                agent_name = opts.agent_name
+                agent_name = convert(opts).options.agent_name  # quietly: this command does not serve it
             spec = JobSpec(room=room, metadata=text, agent_name=agent_name, restart=restart)
             client = _connect(address, namespace)
             job_id = client.submit(spec)
@@ -413,20 +418,29 @@ def build_cli(opts: WorkerOptions | None = None) -> click.Group:
         with _errors_as_messages():
             _local_rooms(address, namespace).delete_room(room_name)
 
-    @group.command(help="Run the built-in simulated session on a local Ray and exit.")
+    @group.command(help="Run a built-in simulated session on a local Ray and exit: `lifecycle`, three "
+                        "support-desk jobs ending three ways; `voice`, a text conversation with the LiveKit "
+                        "Agents voice agent examples/voice_agent.py (needs `pip install -e '.[agents]'`).")
+    @click.option("--scenario", type=click.Choice(["lifecycle", "voice"]), default="lifecycle", show_default=True,
+                  help="Which session to run.")
     @click.option("--shutdown-timeout", type=float, default=1.0, show_default=True,
-                  help="Shutdown budget of the demo's misbehaving job.")
-    def demo(shutdown_timeout: float) -> None:
-        from .demo import run_demo
-
+                  help="Shutdown budget of the lifecycle demo's misbehaving job.")
+    def demo(scenario: str, shutdown_timeout: float) -> None:
         with _errors_as_messages():
+            if scenario == "voice":
+                from .voice_demo import run_voice_demo
+
+                sys.exit(run_voice_demo(ray_logging_level=_ray_output().logging_level))
+            from .demo import run_demo
+
             sys.exit(run_demo(hang_budget=shutdown_timeout, ray_logging_level=_ray_output().logging_level))
 
     return group
 
 
-def run_app(opts: WorkerOptions) -> None:
-    """``python agent.py dev|start|submit|jobs|status|shutdown|room ...`` for this agent."""
+def run_app(opts: WorkerOptions | Any) -> None:
+    """``python agent.py dev|start|submit|jobs|status|shutdown|room ...`` for this agent
+    (rayvisor ``WorkerOptions``, or livekit-agents' ``WorkerOptions``/``ServerOptions``/``AgentServer``)."""
     build_cli(opts)(prog_name=sys.argv[0] if sys.argv else "agent")
 
 

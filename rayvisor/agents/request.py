@@ -62,8 +62,10 @@ class JobRequest:
             self.acceptance = Acceptance(name=name, identity=identity, metadata=metadata,
                                          attributes=dict(attributes or {}))
 
-    async def reject(self) -> None:
-        """Do not run the job (it is recorded REJECTED, cause ``rejected``)."""
+    async def reject(self, *, terminate: bool = True) -> None:
+        """Do not run the job (it is recorded REJECTED, cause ``rejected``). ``terminate`` is
+        accepted for livekit-agents' signature: one rayvisor worker fronts the whole cluster,
+        so a rejected job is never offered to another of its workers either way."""
         if self.answer is Answer.PENDING:
             self.answer = Answer.REJECTED
 
