@@ -20,11 +20,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AutoSubscribe", "Cause", "Client", "EndWhen", "JobContext", "JobInfo", "JobOrigin", "JobProcess", "JobRequest", "JobSpec",
-    "JobState", "LoadInfo", "RestartPolicy", "Transition", "WorkerOptions", "WorkerPermissions", "cli", "connect", "errors", "local_rooms", "rtc", "serve",
+    "JobState", "LoadInfo", "RestartPolicy", "SupervisorSettings", "Transition", "WorkerOptions", "WorkerPermissions", "cli", "connect", "errors", "local_rooms", "rtc", "serve",
 ]
 
 
-_OPERATOR_SIDE = {"Client", "connect", "local_rooms", "serve"}
+_OPERATOR_SIDE = {"Client", "SupervisorSettings", "connect", "local_rooms", "serve"}
 
 
 def __getattr__(name: str):

@@ -517,6 +517,15 @@ class Ack(Record):
     """An empty successful reply."""
 
 
+@register
+class AgentRegistered(Record):
+    """Supervisor -> ``serve``: the agent is registered. ``conflicts``: the supervisor-wide
+    settings it asked for that the running supervisor keeps otherwise (see ``SupervisorSettings``)."""
+
+    agent_name: str
+    conflicts: list[str] = []
+
+
 def now() -> float:
     """Wall-clock timestamp used in every record."""
     return time.time()

@@ -23,6 +23,7 @@ from ..agents.options import WorkerOptions, secret_hidden_from_children
 from ..errors import InternalError, SupervisorNotFound, SupervisorUnavailable, WaitTimeout
 from ..messages import (
     Ack,
+    AgentRegistered,
     AgentNameRequest,
     DrainRequest,
     DrainResult,
@@ -44,6 +45,7 @@ from ..messages import (
 )
 from ..rooms.local import DEFAULT_NAMESPACE, ROOM_SERVER_NAME, LocalRooms, room_server
 from .job_handle import JOB_ACTOR_PREFIX
+from .settings import SupervisorSettings
 from .supervisor import SUPERVISOR_NAME, Supervisor
 
 logger = logging.getLogger("rayvisor.client")
@@ -87,7 +89,7 @@ def ship_agent_code(opts: WorkerOptions) -> None:
 
 def serve(opts: WorkerOptions | Any, *, address: str | None = None, namespace: str = DEFAULT_NAMESPACE,
           call_timeout: float = DEFAULT_CALL_TIMEOUT, log_format: str = "json", register_worker: bool = False,
-          **ray_init_kwargs: Any) -> "Client":
+          settings: SupervisorSettings | None = None, **ray_init_kwargs: Any) -> "Client":
     """Start (or attach to) the namespace's supervisor and register ``opts``' agent.
 
     ``opts``: rayvisor ``WorkerOptions``, or livekit-agents' ``WorkerOptions``/``ServerOptions``
@@ -96,7 +98,10 @@ def serve(opts: WorkerOptions | Any, *, address: str | None = None, namespace: s
     ``ray.shutdown()`` here removes everything. The supervisor and the local room
     server are pinned to this driver's node. ``register_worker``: also register the agent
     as a worker with its LiveKit server (what ``rayvisor dev``/``start`` do when LiveKit
-    is configured), so the server's dispatches reach this cluster.
+    is configured), so the server's dispatches reach this cluster. ``settings``: the
+    supervisor-wide ``SupervisorSettings`` (default: from ``opts``); they are set once, by
+    the call that starts the supervisor: a later call asking for others is logged as a
+    warning naming each field the supervisor keeps.
     """
     opts = as_rayvisor_options(opts)
     ensure_ray(address, **ray_init_kwargs)
@@ -106,9 +111,13 @@ def serve(opts: WorkerOptions | Any, *, address: str | None = None, namespace: s
     handle = Supervisor.options(
         name=SUPERVISOR_NAME, namespace=namespace, lifetime="detached", get_if_exists=True,
         scheduling_strategy=here, max_concurrency=10_000,
-    ).remote(opts, namespace, log_format)
+    ).remote(opts, namespace, log_format, settings)
     client = Client(handle, namespace, call_timeout=call_timeout)
-    client._call_raw(handle.register_agent.remote(opts), Ack)
+    registered = client._call_raw(handle.register_agent.remote(opts, settings), AgentRegistered)
+    if registered.conflicts:
+        logger.warning("namespace %r's supervisor is already running with other supervisor-wide settings; "
+                       "agent %r gets its settings, not these: %s", namespace, opts.agent_name,
+                       "; ".join(registered.conflicts))
     if register_worker:
         client.start_worker(opts.agent_name)
     return client

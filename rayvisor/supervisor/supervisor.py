@@ -41,6 +41,7 @@ from ..errors import (
 from ..logs import configure as configure_logging
 from ..messages import (
     Ack,
+    AgentRegistered,
     ActorStarted,
     AgentNameRequest,
     AttemptInfo,
@@ -59,7 +60,6 @@ from ..messages import (
     MemoryReport,
     MetricsSnapshot,
     ParticipantsChanged,
-    RestartPolicy,
     ShutdownJobRequest,
     ShutdownRequest,
     ShutdownStarted,
@@ -79,6 +79,8 @@ from .credentials import LiveKitCredentials
 from .livekit_dispatch import LiveKitDispatch
 from .metrics import SupervisorMetrics
 from .pool import WarmPools
+from .restart_policy import ABNORMAL_ENDS, EndedAttempt, restart_decision
+from .settings import SupervisorSettings
 from .start_slots import StartSlots
 from .store import AttemptEndRecord, JobSnapshot, SupervisorStore, monotonic_to_wall, wall_to_monotonic
 from .worker_bridge import WorkerLoad
@@ -90,12 +92,6 @@ main_thread_registries.install_in_ray_workers()  # agents' livekit plugins load 
 
 SUPERVISOR_NAME = "rayvisor-supervisor"
 LIVE_BEFORE_SHUTDOWN = (JobState.PENDING, JobState.STARTING, JobState.RUNNING)
-EXPLICIT_ENDS = frozenset({Cause.USER_SHUTDOWN, Cause.ROOM_DELETED, Cause.SUPERVISOR_STOPPED, Cause.DRAINED,
-                           Cause.TERMINATED})
-"""Ends that no restart policy undoes."""
-ABNORMAL_ENDS = frozenset({Cause.ACTOR_CRASHED, Cause.ENTRYPOINT_ERROR, Cause.UNRESPONSIVE, Cause.MEMORY_LIMIT,
-                           Cause.NODE_LOST, Cause.CONNECT_FAILED})
-"""Ends after which a ``transient`` job is restarted."""
 PING_JITTER = 0.1
 """Pings are spread by +-10% of ``ping_interval`` so many jobs do not ping in lockstep."""
 
@@ -119,6 +115,44 @@ def restarted_by_ray() -> bool:
             return bool(ray.get_runtime_context().was_current_actor_reconstructed)
 
 
+class _DispatchHost:
+    """What LiveKit dispatch asks of the supervisor (``DispatchHost``). A plain object the
+    actor holds, so these hooks, which take Python objects rather than records, are not
+    methods of the actor class and cannot be called remotely."""
+
+    def __init__(self, supervisor: "Supervisor") -> None:
+        self._supervisor = supervisor
+
+    @property
+    def admitting(self) -> bool:
+        return self._supervisor._admitting
+
+    @property
+    def jobs(self) -> JobTable:
+        return self._supervisor._table
+
+    def agent_options(self, agent_name: str) -> WorkerOptions:
+        return self._supervisor._resolve_agent(agent_name)
+
+    def existing_job(self, spec: JobSpec) -> JobRecord | None:
+        return self._supervisor._existing(spec)
+
+    async def admit(self, spec: JobSpec, opts: WorkerOptions) -> JobRecord:
+        return await self._supervisor._admit(spec, opts)
+
+    def run_job(self, record: JobRecord, opts: WorkerOptions) -> None:
+        self._supervisor._run_dispatched(record, opts)
+
+    def reject(self, record: JobRecord, cause: Cause, reason: str) -> None:
+        self._supervisor._reject(record, cause, reason)
+
+    def begin_shutdown(self, record: JobRecord, cause: Cause, reason: str) -> None:
+        self._supervisor._begin_shutdown(record, cause, reason, notify_actor=True)
+
+    async def worker_load(self, opts: WorkerOptions) -> WorkerLoad:
+        return await self._supervisor._worker_load(opts)
+
+
 def new_job_id() -> str:
     return "RJ_" + uuid.uuid4().hex[:16]
 
@@ -127,23 +161,26 @@ def new_job_id() -> str:
 class Supervisor:
     """See the module docstring. Every public method takes and returns msgpack records."""
 
-    def __init__(self, opts: WorkerOptions, namespace: str, log_format: str = "json") -> None:
+    def __init__(self, opts: WorkerOptions, namespace: str, log_format: str = "json",
+                 settings: SupervisorSettings | None = None) -> None:
         configure_logging("start" if log_format == "json" else "dev")
-        self._settings = opts  # supervisor-wide limits come from the agent that created it
+        self._settings = settings or SupervisorSettings.from_options(opts)  # set once, for every agent
+        self._default_agent = opts
         self._agents: dict[str, WorkerOptions] = {}
         self._namespace = namespace
         self._log_format = log_format
         self._worker_id = "RW_" + uuid.uuid4().hex[:12]
         self._metrics = SupervisorMetrics(self._worker_id)
         self._store = SupervisorStore(namespace)
-        self._table = JobTable(finished_job_history=opts.finished_job_history, event_history=opts.event_history,
+        self._table = JobTable(finished_job_history=self._settings.finished_job_history,
+                               event_history=self._settings.event_history,
                                on_change=self._on_change, on_evict=self._store.delete_job)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._admitting = True
         self._refusal = ""
         self._drained_from: list[str] = []
-        self._livekit = LiveKitDispatch(self, self._store, self._tasks)
-        self._cluster = ClusterView(interval=opts.cluster_view_interval, on_change=self._cluster_changed,
+        self._livekit = LiveKitDispatch(_DispatchHost(self), self._store, self._tasks)
+        self._cluster = ClusterView(interval=self._settings.cluster_view_interval, on_change=self._cluster_changed,
                                     tasks=self._tasks)
         self._start_slots = StartSlots(lambda: self._settings.max_concurrent_starts or self._cluster.cpu_count)
         self._pools = WarmPools(demand=self._demand, totals=lambda: self._cluster.totals,
@@ -163,13 +200,19 @@ class Supervisor:
 
     # -- agents ----------------------------------------------------------------------
 
-    async def register_agent(self, opts: WorkerOptions) -> bytes:
-        """Register (or replace, for new jobs) the agent named ``opts.agent_name``."""
+    async def register_agent(self, opts: WorkerOptions, settings: SupervisorSettings | None = None) -> bytes:
+        """Register (or replace, for new jobs) the agent named ``opts.agent_name``; the reply
+        names the supervisor-wide settings it asked for (``settings``, or its own options)
+        that this supervisor keeps otherwise."""
+        conflicts = self._settings.conflicts(settings or SupervisorSettings.from_options(opts))
+        if conflicts:
+            logger.warning("agent %r asks for supervisor-wide settings this supervisor keeps otherwise: %s",
+                           opts.agent_name, "; ".join(conflicts))
         self._pools.stop(opts.agent_name)
         self._agents[opts.agent_name] = opts
         self._store.put_agent(opts)
         self._start_pool(opts)
-        return encode(Ack())
+        return encode(AgentRegistered(agent_name=opts.agent_name, conflicts=conflicts))
 
     def _start_pool(self, opts: WorkerOptions) -> None:
         if self._admitting:
@@ -201,7 +244,7 @@ class Supervisor:
         """What the live jobs hold, or will hold once started (see ``capacity``)."""
         demand = Demand()
         for record in self._table.live():
-            demand.add_job(record.agent_name, self._bundle(self._agents.get(record.agent_name, self._settings)),
+            demand.add_job(record.agent_name, self._bundle(self._agents.get(record.agent_name, self._default_agent)),
                            waiting=record.state == JobState.PENDING)
         return demand
 
@@ -525,7 +568,7 @@ class Supervisor:
             self._begin_shutdown(record, Cause.SUPERVISOR_STOPPED, "supervisor stopping", notify_actor=True)
         if live:
             await asyncio.wait([asyncio.ensure_future(r.finished.wait()) for r in live])
-        await self._livekit.close(self._settings.control_call_timeout)  # last job statuses reach LiveKit first
+        await self._livekit.close(self._default_agent.control_call_timeout)  # last job statuses reach LiveKit first
         self._cluster.close()
         self._store.clear()  # a stopped supervisor leaves nothing to recover
         return Ack()
@@ -551,37 +594,17 @@ class Supervisor:
     async def worker_status(self, request: AgentNameRequest) -> WorkerBridgeStatus:
         return self._livekit.status(self._resolve_agent(request.agent_name).agent_name)
 
-    # DispatchHost: what LiveKit dispatch asks of the supervisor.
+    # -- what LiveKit dispatch asks of the supervisor (through _DispatchHost, not remotely) --
 
-    @property
-    def admitting(self) -> bool:
-        return self._admitting
-
-    @property
-    def jobs(self) -> JobTable:
-        return self._table
-
-    def agent_options(self, agent_name: str) -> WorkerOptions:
-        return self._resolve_agent(agent_name)
-
-    def existing_job(self, spec: JobSpec) -> JobRecord | None:
-        return self._existing(spec)
-
-    async def admit(self, spec: JobSpec, opts: WorkerOptions) -> JobRecord:
-        return await self._admit(spec, opts)
-
-    def run_job(self, record: JobRecord, opts: WorkerOptions) -> None:
+    def _run_dispatched(self, record: JobRecord, opts: WorkerOptions) -> None:
         self._persist(record)  # its token, before anything can go wrong
         supervised_task(self._run_job(record, opts), name=f"job:{record.id}", logger=logger, tasks=self._tasks)
 
-    def reject(self, record: JobRecord, cause: Cause, reason: str) -> None:
+    def _reject(self, record: JobRecord, cause: Cause, reason: str) -> None:
         self._table.transition(record, JobState.REJECTED, cause=cause, reason=reason)
         self._metrics.active_jobs(len(self._table.live()))
 
-    def begin_shutdown(self, record: JobRecord, cause: Cause, reason: str) -> None:
-        self._begin_shutdown(record, cause, reason, notify_actor=True)
-
-    async def worker_load(self, opts: WorkerOptions) -> WorkerLoad:
+    async def _worker_load(self, opts: WorkerOptions) -> WorkerLoad:
         """The cluster's load as one worker reports it: ``load_fnc`` if given, else live jobs
         over capacity (``max_jobs`` or the cluster's slots); full when a job would be refused."""
         live = self._table.live()
@@ -623,7 +646,7 @@ class Supervisor:
         if (record is None or record.attempt != report.attempt
                 or record.state not in (JobState.RUNNING, JobState.SHUTTING_DOWN)):
             return
-        opts = self._agents.get(record.agent_name, self._settings)
+        opts = self._agents.get(record.agent_name, self._default_agent)
         previous, record.rss_mb = record.rss_mb, report.rss_mb
         limit, warn = opts.job_memory_limit_mb, opts.job_memory_warn_mb
         if limit and report.rss_mb > limit:
@@ -909,22 +932,11 @@ class Supervisor:
         return end
 
     def _restart_decision(self, record: JobRecord, end: AttemptEnd, opts: WorkerOptions) -> Cause | None:
-        """None: the job ends here. ``RESTART_LIMIT``: it would restart but may not.
-        Anything else: restart (the value is the cause of the restart)."""
-        policy = record.restart_policy
-        if end.state == JobState.REJECTED:
-            return None
-        explicit = end.cause in EXPLICIT_ENDS or record.shutdown_trigger in EXPLICIT_ENDS
-        if policy is RestartPolicy.TEMPORARY or explicit or not self._admitting:
-            return None
-        if policy is RestartPolicy.TRANSIENT and (record.shutdown_trigger or end.cause) not in ABNORMAL_ENDS:
-            return None
-        window_start = time.monotonic() - opts.restart_window
-        while record.restart_times and record.restart_times[0] < window_start:
-            record.restart_times.popleft()
-        if len(record.restart_times) >= opts.max_restarts:
-            return Cause.RESTART_LIMIT
-        return end.cause
+        """See ``restart_policy.restart_decision``."""
+        return restart_decision(
+            record.restart_policy, EndedAttempt(state=end.state, cause=end.cause, trigger=record.shutdown_trigger),
+            admitting=self._admitting, restart_times=record.restart_times, now=time.monotonic(),
+            restart_window=opts.restart_window, max_restarts=opts.max_restarts)
 
     def _restart(self, record: JobRecord, end: AttemptEnd) -> None:
         """Same job id, new attempt on a new actor: it rejoins its room."""
