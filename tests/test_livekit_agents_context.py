@@ -31,6 +31,8 @@ from test_livekit_room import scripted as scripted_rooms  # noqa: E402  (rooms b
 
 TIMEOUT = 60.0
 """Deadline for anything that involves starting a job actor (cold actors are slow on CI)."""
+IN_PROCESS_TIMEOUT = 10.0
+"""Deadline for a job runner driven in this process against a scripted room (no actors)."""
 
 
 def observe(where: str) -> dict[str, Any]:
@@ -128,7 +130,7 @@ def test_the_shutdown_protocol_closes_the_jobs_http_session_and_forgets_the_job(
         context = runner.ctx._task_context()
         session = await asyncio.get_running_loop().create_task(_open_session(), context=context)
         runner.request_shutdown(Cause.USER_SHUTDOWN, "done")
-        await asyncio.wait_for(runner.wait_done(), 10)
+        await asyncio.wait_for(runner.wait_done(), IN_PROCESS_TIMEOUT)
         return session, context
 
     session, context = asyncio.run(main())
@@ -275,7 +277,7 @@ def test_on_the_livekit_backend_ctx_room_is_the_jobs_rtc_room_from_the_start(scr
         seen["token"] = room.connected_with[1]
 
     start = job_start()
-    connection = LiveKitRoomConnection(start.url, start.token, connect_timeout=5.0, call_timeout=5.0)
+    connection = LiveKitRoomConnection(start.url, start.token, connect_timeout=IN_PROCESS_TIMEOUT, call_timeout=IN_PROCESS_TIMEOUT)
     runner = JobRunner(WorkerOptions(entrypoint_fnc=entrypoint, ws_url="", api_key="", api_secret=""), start,
                        JobProcess(), connection, _Reports(),
                        livekit=LiveKitAccess(url=start.url, api_token=start.api_token, room_token=start.token))
@@ -284,7 +286,7 @@ def test_on_the_livekit_backend_ctx_room_is_the_jobs_rtc_room_from_the_start(scr
         runner.start()
         await _eventually(lambda: "token" in seen)
         scripted.instances[-1].leave("alice")  # rayvisor's own listener sees it: the job ends room_empty
-        return await asyncio.wait_for(runner.wait_done(), 10)
+        return await asyncio.wait_for(runner.wait_done(), IN_PROCESS_TIMEOUT)
 
     outcome = asyncio.run(main())
     assert isinstance(runner.ctx, AgentsJobContext) and len(scripted.instances) == 1
@@ -292,7 +294,7 @@ def test_on_the_livekit_backend_ctx_room_is_the_jobs_rtc_room_from_the_start(scr
     assert (outcome.state, outcome.cause) == (JobState.SUCCEEDED, Cause.ROOM_EMPTY)
 
 
-async def _eventually(predicate: Any, timeout: float = 5.0) -> None:
+async def _eventually(predicate: Any, timeout: float = IN_PROCESS_TIMEOUT) -> None:
     deadline = asyncio.get_running_loop().time() + timeout
     while not predicate():
         assert asyncio.get_running_loop().time() < deadline, f"condition not met within {timeout}s"
@@ -341,7 +343,7 @@ def test_concurrent_connects_join_once_and_unsupported_options_are_refused(scrip
         ctx.shutdown()
 
     start = job_start()
-    connection = LiveKitRoomConnection(start.url, start.token, connect_timeout=5.0, call_timeout=5.0)
+    connection = LiveKitRoomConnection(start.url, start.token, connect_timeout=IN_PROCESS_TIMEOUT, call_timeout=IN_PROCESS_TIMEOUT)
     joins: list[str] = []
     original = connection.connect
 
@@ -356,7 +358,7 @@ def test_concurrent_connects_join_once_and_unsupported_options_are_refused(scrip
 
     async def main() -> Any:
         runner.start()
-        return await asyncio.wait_for(runner.wait_done(), 10)
+        return await asyncio.wait_for(runner.wait_done(), IN_PROCESS_TIMEOUT)
 
     outcome = asyncio.run(main())
     assert joins == ["support"]

@@ -17,6 +17,9 @@ from rayvisor import SupervisorSettings, WorkerOptions
 from rayvisor.errors import AtCapacity, InvalidAgent
 from support import wait_until
 
+TIMEOUT = 60.0
+"""Deadline for anything that involves starting a job actor (cold actors are slow on CI)."""
+
 
 async def idle_agent(ctx) -> None:
     await ctx.connect()
@@ -92,11 +95,11 @@ def test_settings_given_to_serve_apply_whatever_the_agent_says(namespace, rooms)
     try:
         rooms.join("given-1", "alice")
         job_id = client.submit(room="given-1")
-        wait_until(lambda: client.status(job_id).state == rayvisor.JobState.RUNNING, timeout=60)
+        wait_until(lambda: client.status(job_id).state == rayvisor.JobState.RUNNING, timeout=TIMEOUT)
         with pytest.raises(AtCapacity, match="max_jobs=1"):
             client.submit(room="given-2")
     finally:
-        client.stop(timeout=30)
+        client.stop(timeout=TIMEOUT)
 
 
 # --------------------------------------------------------------------------- hooks are not endpoints
