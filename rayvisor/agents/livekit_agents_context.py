@@ -1,7 +1,7 @@
 """livekit-agents' ``JobContext``, run by rayvisor: what LiveKit Agents code finds with
 ``get_job_context()`` inside a rayvisor job.
 
-Imported only when the agent's code imported livekit-agents (``livekit_agents_in_use``).
+Imported only for agents that use livekit-agents (``WorkerOptions.livekit_agents_context``).
 ``AgentsJobContext`` is both a rayvisor ``JobContext`` and a ``livekit.agents.JobContext``.
 rayvisor's side comes first in the method order, so ``connect``, ``shutdown``,
 ``add_shutdown_callback``, ``delete_room``, ``api``, ``wait_for_participant`` and

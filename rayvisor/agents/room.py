@@ -221,93 +221,83 @@ def _bytes_info(*, topic: str, name: str, mime_type: str | None, size: int, attr
     )
 
 
-class TextStreamWriter:
-    """``local_participant.stream_text()``: chunks are buffered and sent as one text stream on
-    ``aclose`` (the local backend moves whole messages). Nothing is sent if nothing was written."""
+class _BufferedStreamWriter:
+    """A stream written in chunks; the local backend moves whole messages, so the chunks are
+    buffered and sent as one stream on ``aclose`` (by ``_send``)."""
+
+    info: Any
+    """rtc's ``TextStreamInfo`` or ``ByteStreamInfo`` of the stream."""
+
+    def __init__(self, local: LocalParticipant, destination_identities: list[str]) -> None:
+        self._local = local
+        self._destinations = destination_identities
+        self._chunks: list[Any] = []
+        self._closed = False
+
+    async def write(self, chunk: Any) -> None:
+        if self._closed:
+            raise RuntimeError("the stream is closed")
+        self._chunks.append(chunk)
+
+    async def aclose(self, *, reason: str = "", attributes: dict[str, str] | None = None) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        await self._send({**self.info.attributes, **(attributes or {})})
+
+    async def _send(self, attributes: dict[str, str]) -> None:
+        raise NotImplementedError
+
+
+class TextStreamWriter(_BufferedStreamWriter):
+    """``local_participant.stream_text()``; nothing is sent if nothing was written."""
 
     def __init__(self, local: LocalParticipant, *, topic: str, attributes: dict[str, str],
                  destination_identities: list[str], stream_id: str | None) -> None:
-        self._local = local
-        self._destinations = destination_identities
-        self._chunks: list[str] = []
-        self._closed = False
+        super().__init__(local, destination_identities)
         self.info = _text_info(topic=topic, size=0, attributes=attributes, stream_id=stream_id or "")
 
-    async def write(self, text: str) -> None:
-        if self._closed:
-            raise RuntimeError("the text stream is closed")
-        self._chunks.append(text)
-
-    async def aclose(self, *, reason: str = "", attributes: dict[str, str] | None = None) -> None:
-        if self._closed:
-            return
-        self._closed = True
+    async def _send(self, attributes: dict[str, str]) -> None:
         text = "".join(self._chunks)
         if text:
-            await self._local._connection.send(
-                topic=self.info.topic, text=text, data=None, destination_identities=self._destinations,
-                stream_attributes={**self.info.attributes, **(attributes or {})},
-            )
+            await self._local._connection.send(topic=self.info.topic, text=text, data=None,
+                                               destination_identities=self._destinations, stream_attributes=attributes)
 
 
-class ByteStreamWriter:
-    """``local_participant.stream_bytes()``: buffered, sent as one byte stream on ``aclose``."""
+class ByteStreamWriter(_BufferedStreamWriter):
+    """``local_participant.stream_bytes()``."""
 
     def __init__(self, local: LocalParticipant, *, name: str, mime_type: str, topic: str,
                  attributes: dict[str, str], destination_identities: list[str]) -> None:
-        self._local = local
-        self._destinations = destination_identities
-        self._chunks: list[bytes] = []
-        self._closed = False
+        super().__init__(local, destination_identities)
         self.info = _bytes_info(topic=topic, name=name, mime_type=mime_type, size=0, attributes=attributes)
 
-    async def write(self, data: bytes) -> None:
-        if self._closed:
-            raise RuntimeError("the byte stream is closed")
-        self._chunks.append(bytes(data))
-
-    async def aclose(self, *, reason: str = "", attributes: dict[str, str] | None = None) -> None:
-        if self._closed:
-            return
-        self._closed = True
+    async def _send(self, attributes: dict[str, str]) -> None:
         await self._local._connection.send(
-            topic=self.info.topic, text=None, data=b"".join(self._chunks), destination_identities=self._destinations,
-            stream_name=self.info.name, stream_attributes={**self.info.attributes, **(attributes or {})},
-        )
+            topic=self.info.topic, text=None, data=b"".join(bytes(c) for c in self._chunks),
+            destination_identities=self._destinations, stream_name=self.info.name, stream_attributes=attributes)
 
 
-class TextStreamReader:
-    """A received text stream (whole message at once on the local backend)."""
+class StreamReader:
+    """A received text or byte stream (``info`` is rtc's ``TextStreamInfo`` or
+    ``ByteStreamInfo``); the local backend delivers it whole, in one chunk."""
 
-    def __init__(self, info: rtc.TextStreamInfo, text: str) -> None:
+    def __init__(self, info: Any, payload: Any) -> None:
         self.info = info
-        self._text = text
+        self._payload = payload
 
-    async def read_all(self) -> str:
-        return self._text
+    async def read_all(self) -> Any:
+        return self._payload
 
     def __aiter__(self):
         async def chunks():
-            yield self._text
+            yield self._payload
 
         return chunks()
 
 
-class ByteStreamReader:
-    """A received byte stream (whole at once on the local backend)."""
-
-    def __init__(self, info: rtc.ByteStreamInfo, data: bytes) -> None:
-        self.info = info
-        self._data = data
-
-    async def read_all(self) -> bytes:
-        return self._data
-
-    def __aiter__(self):
-        async def chunks():
-            yield self._data
-
-        return chunks()
+TextStreamReader = StreamReader
+ByteStreamReader = StreamReader
 
 
 class Room:
