@@ -555,6 +555,7 @@ def endpoint(request_type: type[R]):
         method.__name__ = handler.__name__
         method.__qualname__ = handler.__qualname__
         method.__doc__ = handler.__doc__
+        method.request_type = request_type  # marks it as an endpoint
         return method
 
     return wrap

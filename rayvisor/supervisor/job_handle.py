@@ -95,6 +95,12 @@ class JobActorHandle:
         except ValueError:
             return None
 
+    @staticmethod
+    def names(namespace: str) -> list[str]:
+        """The names of the namespace's job actors, live or still being created."""
+        return [actor["name"] for actor in ray.util.list_named_actors(all_namespaces=True)
+                if actor["namespace"] == namespace and actor["name"].startswith(JOB_ACTOR_PREFIX)]
+
     def _actor_table_entry(self) -> dict[str, Any]:
         """The actor's row in Ray's actor table (the GCS); empty if the GCS cannot say."""
         try:

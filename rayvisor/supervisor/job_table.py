@@ -9,20 +9,9 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
-from ..messages import (
-    TERMINAL_STATES,
-    AttemptInfo,
-    Cause,
-    JobInfo,
-    JobSpec,
-    JobState,
-    ParticipantActorInfo,
-    RestartPolicy,
-    Transition,
-    now,
-)
+from ..messages import TERMINAL_STATES, AttemptInfo, Cause, JobInfo, JobSpec, JobState, RestartPolicy, Transition, now
+from .attempt import Attempt, AttemptEnd
 
 logger = logging.getLogger("rayvisor.supervisor")
 
@@ -47,19 +36,10 @@ class IllegalTransition(RuntimeError):
     """A bug: the supervisor tried a transition the state machine forbids."""
 
 
-@dataclass(frozen=True)
-class AttemptEnd:
-    """How one attempt (one actor) of a job ended."""
-
-    state: JobState
-    cause: Cause
-    reason: str = ""
-    error: str | None = None
-
-
 @dataclass
 class JobRecord:
-    """The supervisor's mutable view of one job."""
+    """The supervisor's mutable view of one job: what outlives its attempts, and the
+    current ``Attempt``."""
 
     id: str
     spec: JobSpec
@@ -70,39 +50,13 @@ class JobRecord:
     cause: Cause | None = None
     reason: str = ""
     error: str | None = None
-    pid: int | None = None
-    node_id: str | None = None
     restarts: int = 0
-    participants: list[str] = field(default_factory=list)
-    participant_actors: list[ParticipantActorInfo] = field(default_factory=list)
-    participants_version: int = 0
     timestamps: dict[str, float] = field(default_factory=dict)
     restart_policy: RestartPolicy = RestartPolicy.TEMPORARY
     attempts: list[AttemptInfo] = field(default_factory=list)
-    attempt: int = 1
+    """The ended attempts."""
+    current: Attempt = field(default_factory=Attempt)
     restart_times: deque[float] = field(default_factory=deque)
-    shutdown_trigger: Cause | None = None
-    """What started the current attempt's shutdown (``cause`` may later say shutdown_timeout)."""
-    deadline: float | None = None
-    """Monotonic time at which a SHUTTING_DOWN job is killed."""
-    deadline_task: asyncio.Task[Any] | None = None
-    """The task that enforces ``deadline``; cancelled when the attempt ends first."""
-    actor: Any = None
-    """The current attempt's ``JobActorHandle``."""
-    actor_name: str | None = None
-    kill_end: AttemptEnd | None = None
-    """The current attempt's end when the supervisor kills its actor: its own kill (deadline,
-    unresponsive, memory), or after a failover the end its predecessor decided and
-    snapshotted before killing (``JobSnapshot.attempt_end``)."""
-    killed: asyncio.Event = field(default_factory=asyncio.Event)
-    shutdown_requested: asyncio.Event = field(default_factory=asyncio.Event)
-    """Set when the current attempt is asked to shut down (a job still waiting to start gives up)."""
-    attempt_began: float = field(default_factory=time.monotonic)
-    """When the current attempt began (admission, or the restart), for the start-latency metric."""
-    shutdown_began: float | None = None
-    rss_mb: float | None = None
-    last_memory_warning: float = 0.0
-    rss_mb_at_last_warning: float | None = None
     agent_identity: str = ""
     agent_participant_name: str = ""
     agent_attributes: dict[str, str] = field(default_factory=dict)
@@ -118,12 +72,30 @@ class JobRecord:
         """The job's participant identity in its room."""
         return self.agent_identity or f"agent-{self.id}"
 
+    @property
+    def attempt(self) -> int:
+        return self.current.number
+
+    def end_attempt(self, end: AttemptEnd) -> None:
+        """Add the current attempt, ended with ``end``, to the history."""
+        self.current.disarm_deadline()
+        self.attempts.append(self.current.info(end))
+
+    def restart(self) -> Attempt:
+        """Begin the next attempt (the caller records the STARTING transition)."""
+        self.restarts += 1
+        self.restart_times.append(time.monotonic())
+        self.current = self.current.next()
+        self.cause, self.reason, self.error = None, "", None
+        return self.current
+
     def info(self, *, with_metadata: bool = True) -> JobInfo:
+        current = self.current
         return JobInfo(
             id=self.id, state=self.state, room=self.spec.room, agent_name=self.agent_name,
             metadata=self.spec.metadata if with_metadata else "", cause=self.cause, reason=self.reason, error=self.error,
-            pid=self.pid, node_id=self.node_id, restarts=self.restarts, attempts=list(self.attempts),
-            participants=list(self.participants), participant_actors=list(self.participant_actors),
+            pid=current.pid, node_id=current.node_id, restarts=self.restarts, attempts=list(self.attempts),
+            participants=list(current.participants), participant_actors=list(current.participant_actors),
             timestamps=dict(self.timestamps),
         )
 
@@ -195,7 +167,7 @@ class JobTable:
         self._record_event(record)
         if record.is_terminal:
             self._live.pop(record.id, None)
-            record.deadline = None
+            record.current.disarm_deadline()
             record.finished.set()
             self._finished[record.id] = None
             while len(self._finished) > self._finished_limit:
@@ -211,14 +183,14 @@ class JobTable:
         log = logger.warning if state in (JobState.FAILED, JobState.KILLED, JobState.REJECTED) else logger.info
         log("job %s %s", record.id, state.value, extra={
             "job_id": record.id, "room": record.spec.room, "state": state.value,
-            "cause": record.cause.value if record.cause else None, "node_id": record.node_id,
+            "cause": record.cause.value if record.cause else None, "node_id": record.current.node_id,
         })
 
     def _record_event(self, record: JobRecord) -> None:
         self._events.append(Transition(
             seq=next(self._seq), job_id=record.id, state=record.state, room=record.spec.room,
             at=record.timestamps[record.state.value], cause=record.cause, reason=record.reason,
-            error=record.error, node_id=record.node_id, pid=record.pid,
+            error=record.error, node_id=record.current.node_id, pid=record.current.pid,
         ))
         self._new_event.set()
         self._new_event = asyncio.Event()
