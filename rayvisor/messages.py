@@ -332,6 +332,8 @@ class ParticipantCause(str, enum.Enum):
     JOB_ENDED = "job_ended"
     ENTRYPOINT_ERROR = "entrypoint_error"
     ACTOR_CRASHED = "actor_crashed"
+    UNRESPONSIVE = "unresponsive"
+    """A liveness ping went unanswered (its event loop is blocked); the actor was killed."""
     START_FAILED = "start_failed"
     SHUTDOWN_TIMEOUT = "shutdown_timeout"
 

@@ -169,7 +169,7 @@ def actors_of(client, job_id):
 
 def test_each_participant_gets_its_own_child_actor(serve, rooms):
     client, _observer, job_id, job_pid = start(serve, rooms, "pids")
-    (alice, alice_pid), (bob, bob_pid) = join_and_greet(rooms, "pids", "alice"), join_and_greet(rooms, "pids", "bob", SIP)
+    (_, alice_pid), (_, bob_pid) = join_and_greet(rooms, "pids", "alice"), join_and_greet(rooms, "pids", "bob", SIP)
 
     assert len({job_pid, alice_pid, bob_pid}) == 3
     actors = wait_until(lambda: (a := actors_of(client, job_id)) and all(

@@ -1,15 +1,15 @@
 """The job actor: one Ray actor per job, running the user's ``entrypoint(ctx)``.
 
-``JobRunner`` is the job's lifecycle in plain asyncio (one state enum, one shutdown
-path); ``JobActor`` is the thin Ray actor around it that speaks msgpack records with
-the supervisor. The graceful budget is enforced from outside by the supervisor, which
-kills this actor when it is spent: nothing here has to be trusted to finish.
+``JobRunner`` is the job in plain asyncio: its end conditions, and its steps of the
+lifecycle it shares with participant actors (``lifecycle.RunnerLifecycle``: one state
+enum, one shutdown sequence); ``JobActor`` is the thin Ray actor around it that speaks
+msgpack records with the supervisor. The graceful budget is enforced from outside by the
+supervisor, which kills this actor when it is spent: nothing here has to be trusted to finish.
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
 import os
 from collections.abc import Callable
@@ -21,7 +21,6 @@ from livekit import rtc
 from ..agents.job import JobProcess, LiveKitAccess, job_context_class, make_job
 from ..agents.options import EndWhen, WorkerOptions, forget_secret
 from ..agents.room import RemoteParticipant
-from ..aio import supervised_task
 from ..logs import JsonFormatter, ReadableFormatter, install_record_fields
 from ..messages import (
     Ack,
@@ -46,7 +45,7 @@ from ..rooms.local import LocalRoomConnection
 from ..rooms.records import RelayAction, RelayRequest
 from .memory import MemoryMonitor
 from .participants import ParticipantManager
-from .lifecycle import cancel_and_wait, describe_exception, join_errors, run_shutdown_callbacks
+from .lifecycle import RunnerLifecycle, RunnerState, describe_exception
 from . import main_thread_registries
 
 logger = logging.getLogger("rayvisor.job")
@@ -58,13 +57,6 @@ ROOM_ENDING_KINDS = frozenset({
     rtc.ParticipantKind.PARTICIPANT_KIND_SIP,
 })
 """Participants whose presence keeps a job alive under ``EndWhen.ROOM_EMPTY``."""
-
-
-class RunnerState(str, enum.Enum):
-    CREATED = "created"
-    RUNNING = "running"
-    SHUTTING_DOWN = "shutting_down"
-    DONE = "done"
 
 
 class JobReporter(Protocol):
@@ -85,15 +77,10 @@ class JobRunner:
         self._opts = opts
         self._start = start
         self._reporter = reporter
-        self.state = RunnerState.CREATED
-        self._cause: Cause | None = None
-        self._reason = ""
-        self._errors: list[str] = []
-        self._entry_task: asyncio.Task[None] | None = None
-        self._done = asyncio.Event()
-        self._outcome: JobOutcome | None = None
         self._reports = 0
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._life: RunnerLifecycle[Cause, JobOutcome] = RunnerLifecycle(
+            self, name="job", logger=logger, step_timeout=opts.control_call_timeout,
+            task_context=lambda: self.ctx._task_context())
         self.ctx = job_context_class(bool(opts.livekit_agents_context))(
             job=make_job(job_id=start.job_id, room=start.room, metadata=start.metadata,
                          agent_name=start.agent_name, dispatch_id=start.dispatch_id),
@@ -120,70 +107,28 @@ class JobRunner:
         room.on("participant_disconnected", self._on_participant_disconnected)
         room.on("disconnected", self._on_disconnected)
 
-    # -- lifecycle -------------------------------------------------------------------
+    # -- lifecycle (the shared ``RunnerLifecycle``) -------------------------------------
 
     def start(self) -> None:
         """Start the entrypoint in its own task. Returning from it does not end the job."""
-        if self.state != RunnerState.CREATED:
-            return
-        self.state = RunnerState.RUNNING
-        self._entry_task = asyncio.get_running_loop().create_task(
-            self._run_entrypoint(), name="entrypoint", context=self.ctx._task_context())
-
-    async def _run_entrypoint(self) -> None:
-        try:
-            await self._opts.entrypoint_fnc(self.ctx)
-        except asyncio.CancelledError:
-            raise
-        except ConnectFailed as err:
-            if self._cause != Cause.CONNECT_FAILED:  # else already recorded by ctx.connect
-                self.request_shutdown(Cause.CONNECT_FAILED, "could not join the room", str(err))
-        except Exception as err:
-            logger.exception("entrypoint raised")
-            self.request_shutdown(Cause.ENTRYPOINT_ERROR, error=describe_exception(err))
+        self._life.start(lambda: self._opts.entrypoint_fnc(self.ctx))
 
     def request_shutdown(self, cause: Cause, reason: str = "", error: str | None = None,
                          *, from_supervisor: bool = False) -> None:
         """Start the shutdown sequence in its own task; later requests are ignored."""
-        if error is not None:
-            self._errors.append(error)
-        if self.state in (RunnerState.SHUTTING_DOWN, RunnerState.DONE):
+        if not self._life.begin_shutdown(cause, reason, error):
             return
-        self.state = RunnerState.SHUTTING_DOWN
-        self._cause, self._reason = cause, reason
-        logger.info("job shutting down", extra={"cause": cause.value, "reason": reason})
         if not from_supervisor:
             # Sent synchronously so the supervisor starts the deadline even if the
-            # shutdown task below never gets to run (a blocked or hostile loop).
+            # shutdown task never gets to run (a blocked or hostile loop).
             self._reporter.shutdown_started(ShutdownStarted(
                 job_id=self._start.job_id, attempt=self._start.attempt, cause=cause, reason=reason, error=error))
         # Children start stopping now, alongside the entrypoint's cancellation, within their share.
         self.participants.begin_stop_all(self._opts.shutdown_process_timeout)
-        supervised_task(self._shutdown(), name="job-shutdown", logger=logger, tasks=self._tasks,
-                        context=self.ctx._task_context())
 
-    async def _shutdown(self) -> None:
-        error = await cancel_and_wait(self._entry_task, logger)
-        if error is not None and self._cause != Cause.ENTRYPOINT_ERROR:
-            self._errors.append(describe_exception(error))
-        await self.participants.wait_stopped()
-        self._errors += await run_shutdown_callbacks(self.ctx.shutdown_callbacks, self._reason, logger)
-        try:
-            await asyncio.wait_for(self.ctx._room._disconnect(), self._opts.control_call_timeout)
-        except Exception as err:
-            logger.warning("leaving the room failed: %r", err)
-        try:
-            await asyncio.wait_for(self.ctx._release(), self._opts.control_call_timeout)
-        except Exception as err:
-            logger.warning("releasing the job context (ctx.api, HTTP session) failed: %r", err)
-        assert self._cause is not None
-        self._outcome = JobOutcome(
-            state=JobState.FAILED if self._errors else JobState.SUCCEEDED,
-            cause=self._cause, reason=self._reason, error=join_errors(self._errors),
-            participant_actors=self.participants.infos(),
-        )
-        self.state = RunnerState.DONE
-        self._done.set()
+    @property
+    def state(self) -> RunnerState:
+        return self._life.state
 
     @property
     def job_id(self) -> str:
@@ -191,20 +136,48 @@ class JobRunner:
 
     @property
     def cause(self) -> Cause | None:
-        return self._cause
+        return self._life.cause
 
     @property
     def reason(self) -> str:
-        return self._reason
+        return self._life.reason
 
     @property
     def first_error(self) -> str | None:
-        return self._errors[0] if self._errors else None
+        return self._life.first_error
 
     async def wait_done(self) -> JobOutcome:
-        await self._done.wait()
-        assert self._outcome is not None
-        return self._outcome
+        return await self._life.wait_done()
+
+    # -- the job's steps of the shared shutdown sequence (``ShutdownSteps``) --------------
+
+    def entrypoint_failed(self, err: Exception) -> None:
+        if isinstance(err, ConnectFailed):
+            if self._life.cause != Cause.CONNECT_FAILED:  # else already recorded by ctx.connect
+                self.request_shutdown(Cause.CONNECT_FAILED, "could not join the room", str(err))
+            return
+        logger.error("entrypoint raised", exc_info=err)
+        self.request_shutdown(Cause.ENTRYPOINT_ERROR, error=describe_exception(err))
+
+    async def stop_children(self) -> None:
+        await self.participants.wait_stopped()
+
+    def shutdown_callbacks(self) -> list[Callable[..., Any]]:
+        return self.ctx.shutdown_callbacks
+
+    async def leave_room(self) -> None:
+        await self.ctx._room._disconnect()
+
+    async def release(self) -> None:
+        await self.ctx._release()
+
+    def outcome(self) -> JobOutcome:
+        assert self._life.cause is not None
+        return JobOutcome(
+            state=JobState.FAILED if self._life.errors else JobState.SUCCEEDED,
+            cause=self._life.cause, reason=self._life.reason, error=self._life.error,
+            participant_actors=self.participants.infos(),
+        )
 
     # -- end conditions from the room ----------------------------------------------
 

@@ -8,7 +8,6 @@ the job actor and receives the events that concern its participant.
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
 import os
 from typing import Any
@@ -22,7 +21,7 @@ from ..agents.room import RemoteParticipant, Room
 from ..messages import Ack, ActorStarted, ParticipantActorState, ParticipantCause, decode, encode
 from ..rooms.records import EventDelivery
 from ..rooms.relay import RelayConnection
-from .lifecycle import cancel_and_wait, describe_exception, join_errors, run_shutdown_callbacks
+from .lifecycle import RunnerLifecycle, RunnerState, describe_exception
 from .records import ParticipantOutcome, ParticipantStart, ParticipantStop
 from . import main_thread_registries
 
@@ -31,22 +30,15 @@ logger = logging.getLogger("rayvisor.participant")
 main_thread_registries.install_in_ray_workers()  # agents' livekit plugins load on actor threads
 
 
-class _Phase(str, enum.Enum):
-    CREATED = "created"
-    RUNNING = "running"
-    STOPPING = "stopping"
-    DONE = "done"
-
-
 class ParticipantRunner:
-    """One participant entrypoint: run it, stop it once, report how it ended."""
+    """One participant entrypoint: run it, stop it once, report how it ended (its steps of
+    the lifecycle it shares with the job, ``lifecycle.RunnerLifecycle``)."""
 
     def __init__(self, fnc: Any, start: ParticipantStart, job_actor: Any, *, call_timeout: float,
                  poll_timeout: float) -> None:
         self._fnc = fnc
         self._start = start
         self._poll_timeout = poll_timeout
-        self._call_timeout = call_timeout
         self.connection = RelayConnection(job_actor, start.snapshot, call_timeout=call_timeout)
         self.room = Room(start.room)
         self.ctx = participant_context_class(start.livekit_agents_context)(
@@ -57,14 +49,13 @@ class ParticipantRunner:
             livekit=LiveKitAccess(url=start.url, api_token=start.api_token) if start.url else None,
             agent_identity=start.snapshot.local.identity, namespace=start.namespace,
         )
-        self.phase = _Phase.CREATED
-        self._entry_task: asyncio.Task[None] | None = None
-        self._cause = ParticipantCause.JOB_ENDED
-        self._reason = ""
-        self._errors: list[str] = []
-        self._done = asyncio.Event()
-        self._outcome: ParticipantOutcome | None = None
-        self._shutdown_task: asyncio.Task[None] | None = None
+        self._life: RunnerLifecycle[ParticipantCause, ParticipantOutcome] = RunnerLifecycle(
+            self, name="participant", logger=logger, step_timeout=call_timeout,
+            task_context=self.ctx._task_context)
+
+    @property
+    def state(self) -> RunnerState:
+        return self._life.state
 
     async def prepare(self) -> RemoteParticipant:
         """Build the room view; its events start flowing only once the entrypoint runs."""
@@ -72,55 +63,43 @@ class ParticipantRunner:
         return self.room.remote_participants[self._start.snapshot.participants[0].identity]
 
     def start(self, participant: RemoteParticipant) -> None:
-        if self.phase != _Phase.CREATED:
+        if not self._life.start(lambda: self._fnc(self.ctx, participant)):
             return
-        self.phase = _Phase.RUNNING
-        self._entry_task = asyncio.get_running_loop().create_task(
-            self._run(participant), name="participant-entrypoint", context=self.ctx._task_context())
         # Scheduled after the entrypoint's first step, so handlers it registers up front see
         # every event delivered since the child was created.
         self.room._start_events(self._poll_timeout)
 
-    async def _run(self, participant: RemoteParticipant) -> None:
-        try:
-            await self._fnc(self.ctx, participant)
-        except asyncio.CancelledError:
-            raise
-        except Exception as err:
-            logger.exception("participant entrypoint raised")
-            self._errors.append(describe_exception(err))
-            self.stop(ParticipantCause.ENTRYPOINT_ERROR, "participant entrypoint raised")
-
-    def stop(self, cause: ParticipantCause, reason: str) -> None:
+    def stop(self, cause: ParticipantCause, reason: str, error: str | None = None) -> None:
         """Begin stopping (once): cancel the entrypoint, then run the shutdown callbacks."""
-        if self.phase in (_Phase.STOPPING, _Phase.DONE):
-            return
-        self.phase = _Phase.STOPPING
-        self._cause, self._reason = cause, reason
-        self._shutdown_task = asyncio.get_running_loop().create_task(
-            self._shutdown(), name="participant-shutdown", context=self.ctx._task_context())
-
-    async def _shutdown(self) -> None:
-        error = await cancel_and_wait(self._entry_task, logger)
-        if error is not None and self._cause != ParticipantCause.ENTRYPOINT_ERROR:
-            self._errors.append(describe_exception(error))
-        self._errors += await run_shutdown_callbacks(self.ctx.shutdown_callbacks, self._reason, logger)
-        await self.room._disconnect()
-        try:
-            await asyncio.wait_for(self.ctx._release(), self._call_timeout)
-        except Exception as err:
-            logger.warning("releasing the participant context (ctx.api, HTTP session) failed: %r", err)
-        self._outcome = ParticipantOutcome(
-            state=ParticipantActorState.FAILED if self._errors else ParticipantActorState.STOPPED,
-            cause=self._cause, error=join_errors(self._errors),
-        )
-        self.phase = _Phase.DONE
-        self._done.set()
+        self._life.begin_shutdown(cause, reason, error)
 
     async def wait_done(self) -> ParticipantOutcome:
-        await self._done.wait()
-        assert self._outcome is not None
-        return self._outcome
+        return await self._life.wait_done()
+
+    # -- the participant's steps of the shared shutdown sequence (``ShutdownSteps``) ------
+
+    def entrypoint_failed(self, err: Exception) -> None:
+        logger.error("participant entrypoint raised", exc_info=err)
+        self.stop(ParticipantCause.ENTRYPOINT_ERROR, "participant entrypoint raised", describe_exception(err))
+
+    async def stop_children(self) -> None:
+        """A participant actor has no children."""
+
+    def shutdown_callbacks(self) -> list[Any]:
+        return self.ctx.shutdown_callbacks
+
+    async def leave_room(self) -> None:
+        await self.room._disconnect()
+
+    async def release(self) -> None:
+        await self.ctx._release()
+
+    def outcome(self) -> ParticipantOutcome:
+        assert self._life.cause is not None
+        return ParticipantOutcome(
+            state=ParticipantActorState.FAILED if self._life.errors else ParticipantActorState.STOPPED,
+            cause=self._life.cause, error=self._life.error,
+        )
 
 
 @ray.remote(num_cpus=0, max_restarts=0)
@@ -166,6 +145,11 @@ class ParticipantActor:
             self._early_stop = request
         else:
             self._runner.stop(request.cause, request.reason)
+        return encode(Ack())
+
+    async def ping(self) -> bytes:
+        """Answered on the actor's event loop: a loop blocked by the entrypoint does not answer
+        (the job's liveness check, ``participant_ping_timeout``)."""
         return encode(Ack())
 
     async def wait_done(self) -> bytes:

@@ -1,9 +1,11 @@
 """Inside the job actor: one child per (participant session, participant entrypoint).
 
 ``ParticipantManager`` starts a child for every participant of a wanted kind (already in
-the room or joining later), forwards it the events that concern its participant, stops it
-when the participant leaves or the job ends, records how each ended, and restarts the
-ones that crashed or raised when ``participant_restart`` is ``transient``.
+the room or joining later), forwards it the events that concern its participant, pings
+it (a child whose event loop is blocked is killed, as if it had crashed), stops it when the
+participant leaves or the job ends, records how each ended, and restarts the ones that
+crashed or raised when ``participant_restart`` is ``transient``. Every Ray call on a child
+actor goes through its ``ParticipantActorHandle``.
 
 A child is a ``ParticipantActor`` (``isolate_participants=True``) or, as in LiveKit Agents,
 a task in the job's own process. A participant who leaves and comes back starts a new
@@ -15,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import random
 import time
 from collections import deque
 from collections.abc import Callable
@@ -22,23 +25,27 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ray
-from ray.exceptions import RayActorError, RayTaskError
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ..agents.job import JobContext, ParticipantEntrypoint
 from ..agents.options import RestartPolicy, WorkerOptions
 from ..aio import supervised_task
-from ..messages import ActorStarted, JobStart, ParticipantActorInfo, ParticipantActorState, ParticipantCause, decode, encode
+from ..messages import JobStart, ParticipantActorInfo, ParticipantActorState, ParticipantCause
 from ..rooms.records import EventDelivery, RoomEvent, RoomEventType, RoomSnapshot
 from .lifecycle import cancel_and_wait, describe_exception
-from .participant_actor import ParticipantActor
+from .participant_handle import (
+    ParticipantActorGone,
+    ParticipantActorHandle,
+    ParticipantStartError,
+    ParticipantUnresponsive,
+)
 from .records import ParticipantOutcome, ParticipantStart, ParticipantStop
 
 logger = logging.getLogger("rayvisor.participants")
 
 ENDED = frozenset({ParticipantActorState.STOPPED, ParticipantActorState.FAILED, ParticipantActorState.KILLED})
 LIVE = frozenset({ParticipantActorState.STARTING, ParticipantActorState.RUNNING})
-ABNORMAL = frozenset({ParticipantCause.ACTOR_CRASHED, ParticipantCause.ENTRYPOINT_ERROR})
+ABNORMAL = frozenset({ParticipantCause.ACTOR_CRASHED, ParticipantCause.ENTRYPOINT_ERROR,
+                      ParticipantCause.UNRESPONSIVE})
 FORWARDED = frozenset({
     RoomEventType.PARTICIPANT_ATTRIBUTES_CHANGED, RoomEventType.PARTICIPANT_METADATA_CHANGED,
     RoomEventType.DATA_RECEIVED, RoomEventType.TEXT_RECEIVED, RoomEventType.PARTICIPANT_DISCONNECTED,
@@ -47,6 +54,9 @@ FORWARDED = frozenset({
 CHILDREN_SHARE_OF_JOB_BUDGET = 0.5
 """During a job's shutdown, children get at most this share of the job's budget (and at most
 ``participant_shutdown_timeout``), so the job's own callbacks still have time to run."""
+PING_JITTER = 0.1
+"""Liveness pings are spread by +-10% of ``participant_ping_interval`` so a job's children
+are not pinged in lockstep."""
 
 _Key = tuple[str, int, int]  # (identity, session, entrypoint index)
 
@@ -63,8 +73,8 @@ class _Child:
     restart_times: deque[float] = field(default_factory=deque)
     cause: ParticipantCause | None = None
     error: str | None = None
-    handle: Any = None
-    """The running attempt's ``ParticipantActor`` (isolated mode)."""
+    handle: ParticipantActorHandle | None = None
+    """The running attempt's child actor (isolated mode)."""
     task: asyncio.Task[Any] | None = None
     """The running attempt's task (in-process mode)."""
     pending: list[RoomEvent] | None = field(default_factory=list)
@@ -80,13 +90,6 @@ class _Child:
             identity=self.identity, entrypoint=self.entry.name, state=self.state, pid=self.pid,
             node_id=self.node_id, restarts=self.restarts, cause=self.cause, error=self.error,
         )
-
-
-def _kill(handle: Any) -> None:
-    try:
-        ray.kill(handle, no_restart=True)
-    except Exception as err:  # already gone
-        logger.debug("kill of a participant actor: %r", err)
 
 
 class ParticipantManager:
@@ -188,7 +191,7 @@ class ParticipantManager:
                 except Exception as err:  # never leave a child half-started or unreachable
                     logger.exception("participant attempt for %s failed", child.identity)
                     if child.handle is not None:
-                        _kill(child.handle)
+                        child.handle.kill()
                     cause = ParticipantCause.ACTOR_CRASHED if child.pid else ParticipantCause.START_FAILED
                     self._end(child, ParticipantActorState.FAILED, cause, f"{type(err).__name__}: {err}")
                 finally:
@@ -238,11 +241,9 @@ class ParticipantManager:
             livekit_agents_context=bool(self._opts.livekit_agents_context),
         )
         try:
-            handle = ParticipantActor.options(
-                num_cpus=0, max_restarts=0,
-                scheduling_strategy=NodeAffinitySchedulingStrategy(
-                    node_id=ray.get_runtime_context().get_node_id(), soft=True),
-            ).remote(child.entry.fnc, self._job_actor(), self._opts.control_call_timeout, self._opts.room_poll_timeout)
+            handle = ParticipantActorHandle.create(
+                fnc=child.entry.fnc, job_actor=self._job_actor(), call_timeout=self._opts.control_call_timeout,
+                poll_timeout=self._opts.room_poll_timeout, name=f"{child.entry.name} for {child.identity}")
         except Exception as err:  # e.g. an entrypoint that cannot be pickled (it closes over the JobContext)
             self._end(child, ParticipantActorState.FAILED, ParticipantCause.START_FAILED,
                       f"cannot ship {child.entry.name} to a participant actor (define it at module level, "
@@ -250,37 +251,81 @@ class ParticipantManager:
             return
         child.handle = handle
         if child.stop_requested.is_set():  # stopped (and ended) while we were creating it
-            _kill(handle)
+            handle.kill()
             return
         self._changed()
+        timeout = self._opts.initialize_process_timeout
         try:
-            started = decode(await asyncio.wait_for(
-                handle.start.remote(encode(start)), self._opts.initialize_process_timeout), ActorStarted)
-        except (RayActorError, RayTaskError, asyncio.TimeoutError) as err:
-            _kill(handle)
-            self._end(child, ParticipantActorState.FAILED, ParticipantCause.START_FAILED, str(err) or "start timed out")
+            started = await handle.start(start, timeout)
+        except (ParticipantActorGone, ParticipantStartError, asyncio.TimeoutError) as err:
+            handle.kill()
+            self._end(child, ParticipantActorState.FAILED, ParticipantCause.START_FAILED,
+                      str(err) or f"did not start within initialize_process_timeout={timeout:g}s")
             return
         if child.state in ENDED:  # stopped while it started: its entrypoint must not run
-            _kill(handle)
+            handle.kill()
             return
         child.pid, child.node_id = started.pid, started.node_id
         held, child.pending = child.pending or [], None
         for event in held:  # what happened while it started, before its entrypoint runs
             self._deliver(child, event)
-        handle.run.remote()
+        handle.run()
         if child.state == ParticipantActorState.STARTING:
             child.state = ParticipantActorState.RUNNING
         self._changed()
         try:
-            outcome = decode(await handle.wait_done.remote(), ParticipantOutcome)
-        except RayActorError as err:
-            _kill(handle)
+            outcome = await self._wait_outcome(child, handle)
+        except ParticipantActorGone as err:
+            handle.kill()
             first_line = (str(err).strip().splitlines() or ["the actor died"])[0]
             self._end(child, ParticipantActorState.FAILED, ParticipantCause.ACTOR_CRASHED,
                       f"{first_line} (pid {child.pid})")
             return
-        _kill(handle)
+        except ParticipantUnresponsive as err:  # a blocked loop: killed, and restarted as a crash would be
+            handle.kill()
+            self._end(child, ParticipantActorState.FAILED, ParticipantCause.UNRESPONSIVE, str(err))
+            return
+        handle.kill()
         self._end(child, outcome.state, child.stop_cause or outcome.cause, outcome.error)
+
+    async def _wait_outcome(self, child: _Child, handle: ParticipantActorHandle) -> ParticipantOutcome:
+        """The child's outcome, watched by liveness pings meanwhile: raises
+        ``ParticipantActorGone`` if it dies, ``ParticipantUnresponsive`` if a ping goes unanswered."""
+        outcome = asyncio.ensure_future(handle.wait_done())
+        liveness = asyncio.ensure_future(self._watch_liveness(child, handle))
+        try:
+            await asyncio.wait({outcome, liveness}, return_when=asyncio.FIRST_COMPLETED)
+            if not outcome.done():
+                liveness.result()  # raises ParticipantUnresponsive (or, a bug, what the watch raised)
+            return await outcome
+        finally:
+            liveness.cancel()
+            outcome.cancel()
+
+    async def _watch_liveness(self, child: _Child, handle: ParticipantActorHandle) -> None:
+        """Ping the running child every ``participant_ping_interval``; raise
+        ``ParticipantUnresponsive`` when one goes unanswered for ``participant_ping_timeout``.
+
+        Returns (and pings no more) once the child stops running: a stopping child is bounded
+        by its stop budget instead, and a dead one is reported by its ``wait_done``.
+        """
+        interval, timeout = self._opts.participant_ping_interval, self._opts.participant_ping_timeout
+        while True:
+            await asyncio.sleep(interval * random.uniform(1 - PING_JITTER, 1 + PING_JITTER))
+            if child.state != ParticipantActorState.RUNNING or child.handle is not handle:
+                return
+            try:
+                await handle.ping(timeout)
+            except asyncio.TimeoutError:
+                if child.state != ParticipantActorState.RUNNING or child.handle is not handle:
+                    return
+                logger.warning("participant actor for %s did not answer a ping within %gs: killing it",
+                               child.identity, timeout, extra={"participant": child.identity})
+                raise ParticipantUnresponsive(
+                    f"no answer to a liveness ping within participant_ping_timeout={timeout:g}s: its event "
+                    f"loop is blocked (pid {child.pid}); the actor was killed") from None
+            except ParticipantActorGone:
+                return
 
     async def _run_task(self, child: _Child) -> None:
         participant = self._ctx._room.remote_participants.get(child.identity)
@@ -310,8 +355,9 @@ class ParticipantManager:
         if child.pending is not None:
             child.pending.append(event)
             return
+        assert child.handle is not None
         child.deliveries += 1  # fire-and-forget: a child with a blocked loop just queues them
-        child.handle.deliver.remote(encode(EventDelivery(index=child.deliveries, events=[event])))
+        child.handle.deliver(EventDelivery(index=child.deliveries, events=[event]))
 
     async def _stop(self, child: _Child, cause: ParticipantCause, reason: str, timeout: float) -> None:
         """Ask the child to stop; kill it if it has not finished within ``timeout``."""
@@ -322,21 +368,21 @@ class ParticipantManager:
         child.stop_requested.set()
         if never_ran:  # its entrypoint has not run (``run`` follows ``start``): nothing to wait for
             if child.handle is not None:
-                _kill(child.handle)
+                child.handle.kill()
             self._end(child, ParticipantActorState.STOPPED, child.stop_cause, None)
             return
         if child.state not in ENDED:
             child.state = ParticipantActorState.STOPPING
             self._changed()
         if child.handle is not None:
-            child.handle.stop.remote(encode(ParticipantStop(cause=cause, reason=reason)))
+            child.handle.request_stop(ParticipantStop(cause=cause, reason=reason))
         elif child.task is not None:
             self._spawn(cancel_and_wait(child.task, logger), "participant-cancel")
         try:
             await asyncio.wait_for(child.finished.wait(), timeout)
         except asyncio.TimeoutError:
             if child.handle is not None:
-                _kill(child.handle)
+                child.handle.kill()
             self._end(child, ParticipantActorState.KILLED, ParticipantCause.SHUTDOWN_TIMEOUT,
                       f"did not stop within {timeout:.3g}s")
 

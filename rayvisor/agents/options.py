@@ -199,6 +199,12 @@ class WorkerOptions:
     participant_shutdown_timeout: float = 10.0
     """Budget (seconds) for a participant actor's shutdown callbacks when its participant
     leaves; it is killed after that. During a job's shutdown the job's budget also bounds it."""
+    participant_ping_interval: float = 2.5
+    """How often a job actor pings each of its running participant actors (liveness)."""
+    participant_ping_timeout: float = 15.0
+    """A participant actor that has not answered a ping within this long (its event loop is
+    blocked, e.g. by a ``time.sleep`` in the entrypoint) is killed and ends FAILED with cause
+    ``unresponsive``; ``participant_restart`` treats it as a crash: ``participant_restart`` decides what follows."""
     max_restarts: int = 3
     """Restart intensity: at most this many restarts within ``restart_window`` seconds."""
     restart_window: float = 60.0
@@ -267,7 +273,8 @@ class WorkerOptions:
         if not isinstance(self.agent_name, str):
             raise InvalidAgent(f"agent_name must be a string, got {type(self.agent_name).__name__}")
         for name in ("shutdown_process_timeout", "initialize_process_timeout", "control_call_timeout",
-                     "room_poll_timeout", "participant_shutdown_timeout", "restart_window", "request_timeout",
+                     "room_poll_timeout", "participant_shutdown_timeout", "participant_ping_interval",
+                     "participant_ping_timeout", "restart_window", "request_timeout",
                      "load_timeout", "pending_timeout",
                      "drain_timeout", "ping_interval", "ping_timeout", "memory_check_interval",
                      "memory_warn_interval", "pool_rate_window", "pool_backoff_initial", "pool_backoff_max",
