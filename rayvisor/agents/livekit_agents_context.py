@@ -27,6 +27,7 @@ from livekit.agents import job as lk_job
 from livekit.agents.utils import http_context
 
 from ..errors import LiveKitNotConfigured, NotSupported
+from ..rooms.base import PreparesRtcRoom
 from .job import JobContext, LiveKitAccess
 from .participant import ParticipantContext
 from .room import RemoteParticipant
@@ -125,7 +126,8 @@ class AgentsJobContext(_LiveKitAgentsSide, JobContext, lk_agents.JobContext):
                 attributes=dict(self._participant_attributes)),
             inference_executor=inference_executor or _inference_executor(self._namespace),
         )
-        self._rtc_room = getattr(self._connection, "prepared_room", None)
+        connection = self._connection
+        self._rtc_room = connection.prepare_rtc_room() if isinstance(connection, PreparesRtcRoom) else None
         rtc_info = getattr(self._rtc_room, "_info", None)
         if rtc_info is not None and not rtc_info.name:
             rtc_info.name = self._job.room.name  # ctx.room.name before connecting, as livekit-agents sets it

@@ -22,7 +22,7 @@ from livekit.rtc._proto import participant_pb2
 
 from ..aio import supervised_task
 from ..errors import NotConnected, NotSupported, RoomUnavailable
-from ..rooms.base import RoomConnection
+from ..rooms.base import HasRtcRoom, HoldsNativeEvents, RoomConnection, WatchesTextTopics
 from ..rooms.records import EventBatch, ParticipantInfo, RoomEvent, RoomEventType, RoomSnapshot
 
 logger = logging.getLogger("rayvisor.room")
@@ -412,7 +412,8 @@ class Room:
     def rtc_room(self) -> rtc.Room | None:
         """The underlying ``livekit.rtc.Room`` on the LiveKit backend (for media: tracks,
         audio and video); None on the local backend, which has no media."""
-        return getattr(self._connection, "rtc_room", None)
+        connection = self._connection
+        return connection.rtc_room if isinstance(connection, HasRtcRoom) else None
 
     async def _connect(self, connection: RoomConnection, local: ParticipantInfo, poll_timeout: float,
                        *, start_events: bool = True, auto_subscribe: str = "subscribe_all") -> None:
@@ -441,9 +442,8 @@ class Room:
 
     @staticmethod
     def _watch_text_topic(connection: RoomConnection, topic: str) -> None:
-        watch = getattr(connection, "watch_text_topic", None)  # backends that need topics named up front
-        if watch is not None:
-            watch(topic)
+        if isinstance(connection, WatchesTextTopics):  # backends that need topics named up front
+            connection.watch_text_topic(topic)
 
     def _start_events(self, poll_timeout: float) -> None:
         if self._pump is None and self._connection is not None:
@@ -568,8 +568,8 @@ class Room:
     def _emit_native(self, event: RoomEvent) -> None:
         """Emit an rtc event as rtc does, with this facade's participant objects in place of
         rtc's (so one object per identity holds across all events)."""
-        take = getattr(self._connection, "take_native", None)
-        native = take(event.seq) if take is not None else None
+        connection = self._connection
+        native = connection.take_native(event.seq) if isinstance(connection, HoldsNativeEvents) else None
         if native is None:
             return
         name, args = native

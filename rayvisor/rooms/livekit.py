@@ -13,7 +13,6 @@ sees the API secret.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -26,6 +25,8 @@ if TYPE_CHECKING:  # livekit.api (and aiohttp) load only in jobs that use LiveKi
 
 from ..aio import supervised_task
 from ..errors import ConnectFailed, NotConnected
+from .base import HasRtcRoom, HoldsNativeEvents, PreparesRtcRoom, RoomConnection, WatchesTextTopics
+from .inbox import EventInbox
 from .records import EventBatch, ParticipantInfo, RoomEvent, RoomEventType, RoomSnapshot
 
 logger = logging.getLogger("rayvisor.room.livekit")
@@ -75,8 +76,9 @@ def _auto_subscribe(value: str) -> tuple[bool, int | None]:
     return False, None
 
 
-class LiveKitRoomConnection:
-    """A ``RoomConnection`` over ``livekit.rtc.Room`` (see the module docstring)."""
+class LiveKitRoomConnection(RoomConnection, HasRtcRoom, PreparesRtcRoom, WatchesTextTopics, HoldsNativeEvents):
+    """A ``RoomConnection`` over ``livekit.rtc.Room`` (see the module docstring), with every
+    optional capability: it is an rtc room, so it has media, native events and text topics."""
 
     def __init__(self, url: str, token: str, *, connect_timeout: float, call_timeout: float,
                  room_api: Callable[[], api.LiveKitAPI] | None = None) -> None:
@@ -88,22 +90,22 @@ class LiveKitRoomConnection:
         self._room: Any = None
         self._prepared: Any = None
         self._room_name = ""
-        self._events: list[RoomEvent] = []
+        # Unbounded: the job's own pump reads it, and a dropped record would leave the facade
+        # wrong (a participant missed) or orphan a NATIVE record's rtc objects in ``_native``.
+        self._inbox = EventInbox(max_events=None)
         self._native: dict[int, tuple[str, tuple[Any, ...]]] = {}
-        self._seq = itertools.count(1)
-        self._changed = asyncio.Event()
-        self._closed = False
         self._text_topics: set[str] = set()
         self._subscribe_kind: int | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+
+    # -- HasRtcRoom, PreparesRtcRoom -----------------------------------------------------
 
     @property
     def rtc_room(self) -> Any:
         """The underlying ``rtc.Room`` once connected (for media: tracks, audio sources ...)."""
         return self._room
 
-    @property
-    def prepared_room(self) -> Any:
+    def prepare_rtc_room(self) -> Any:
         """The ``rtc.Room`` this connection joins, created on first use: code that needs the
         room before it connects (livekit-agents' ``ctx.room``, RoomIO) attaches to the same
         object rayvisor's listeners are on."""
@@ -119,7 +121,7 @@ class LiveKitRoomConnection:
         token, so ``local`` is not sent. Any failure, or no answer within the timeout, is
         ``ConnectFailed``."""
         self._room_name = room
-        rtc_room = self.prepared_room
+        rtc_room = self.prepare_rtc_room()
         subscribe_all, self._subscribe_kind = _auto_subscribe(auto_subscribe)
         options = rtc.RoomOptions(auto_subscribe=subscribe_all, connect_timeout=self._connect_timeout)
         try:
@@ -150,14 +152,7 @@ class LiveKitRoomConnection:
         )
 
     async def next_events(self, after_seq: int, timeout: float) -> EventBatch:
-        self._events = [e for e in self._events if e.seq > after_seq]
-        if not self._events and not self._closed:
-            self._changed.clear()
-            try:
-                await asyncio.wait_for(self._changed.wait(), timeout)
-            except asyncio.TimeoutError:
-                pass
-        return EventBatch(events=list(self._events), closed=self._closed and not self._events)
+        return await self._inbox.next_events(after_seq, timeout)
 
     async def set_attributes(self, attributes: dict[str, str]) -> None:
         await self._bounded(self._connected().local_participant.set_attributes(attributes))
@@ -193,7 +188,7 @@ class LiveKitRoomConnection:
             raise NotConnected("deleting a LiveKit room needs the job's server API token")
         await self._bounded(self._room_api().room.delete_room(room_proto.DeleteRoomRequest(room=self._room_name)))
 
-    # -- beyond the protocol --------------------------------------------------------
+    # -- WatchesTextTopics, HoldsNativeEvents -------------------------------------------
 
     def watch_text_topic(self, topic: str) -> None:
         """Receive text streams on ``topic`` (rtc needs a handler per topic)."""
@@ -208,11 +203,8 @@ class LiveKitRoomConnection:
 
     # -- rtc events -> records --------------------------------------------------------
 
-    def _push(self, type_: RoomEventType, **fields: Any) -> int:
-        seq = next(self._seq)
-        self._events.append(RoomEvent(seq=seq, type=type_, **fields))
-        self._changed.set()
-        return seq
+    def _push(self, type_: RoomEventType, **fields: Any) -> RoomEvent | None:
+        return self._inbox.add(type_, **fields)
 
     def _listen(self, rtc_room: Any) -> None:
         push = self._push
@@ -236,8 +228,9 @@ class LiveKitRoomConnection:
 
     def _native_forwarder(self, name: str) -> Callable[..., None]:
         def forward(*args: Any) -> None:
-            seq = self._push(RoomEventType.NATIVE, topic=name)
-            self._native[seq] = (name, args)
+            event = self._push(RoomEventType.NATIVE, topic=name)
+            if event is not None:
+                self._native[event.seq] = (name, args)
 
         return forward
 
@@ -247,10 +240,8 @@ class LiveKitRoomConnection:
                    topic=packet.topic or "", data=bytes(packet.data))
 
     def _on_disconnected(self, reason: int) -> None:
-        if self._closed:
-            return
         self._push(RoomEventType.DISCONNECTED, reason=int(reason))
-        self._closed = True
+        self._inbox.close()
 
     def _maybe_subscribe(self, publication: Any, _participant: Any) -> None:
         """AUDIO_ONLY / VIDEO_ONLY: subscribe to that kind of track by hand, as livekit-agents does."""

@@ -6,13 +6,13 @@ head), so losing a worker node never loses the rooms. Every call is a msgpack re
 malformed or oversized requests get a typed error and change nothing.
 
 Participants pull their events (long-poll on ``poll``) from a bounded per-connection
-inbox, which keeps the server free of callbacks into job actors whose loops may be blocked.
+``EventInbox``, which keeps the server free of callbacks into job actors whose loops may
+be blocked.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import time
 import uuid
 from collections import OrderedDict, deque
@@ -26,6 +26,8 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ..errors import InvalidRoomRequest, ParticipantNotFound, RoomNotFound, RoomUnavailable, WaitTimeout
 from ..messages import Record, decode_reply, encode, endpoint
+from .base import RoomConnection
+from .inbox import EventInbox
 from .records import (
     EventBatch,
     JoinRequest,
@@ -36,7 +38,6 @@ from .records import (
     PollRequest,
     ReceivedMessage,
     ReceivedMessages,
-    RoomEvent,
     RoomEventType,
     RoomMetadataRequest,
     RoomNames,
@@ -60,55 +61,43 @@ class LocalRoomSettings:
     max_attributes_bytes: int = 64 * 1024
     """Largest total size of a participant's attributes (keys + values)."""
     max_inbox_events: int = 10_000
-    """Events kept per connection; the oldest are dropped past this."""
+    """Unread events kept per connection (and received messages, for ``messages``); the
+    oldest are dropped past this."""
     max_closed_connections: int = 1_024
     """Ended connections kept so their owners can read their last events and messages."""
     max_poll_timeout: float = 30.0
     """Longest a single ``poll`` call may wait; callers loop."""
 
 
+_MESSAGE_EVENTS = frozenset((RoomEventType.DATA_RECEIVED, RoomEventType.TEXT_RECEIVED, RoomEventType.BYTES_RECEIVED))
+
+
 class _Connection:
-    """One participant's presence in a room and its inbox of events."""
+    """One participant's presence in a room, its inbox of events, and the text and data
+    it received (kept for drivers' ``messages``)."""
 
     def __init__(self, room: str, info: ParticipantInfo, max_events: int) -> None:
         self.id = uuid.uuid4().hex
         self.room = room
         self.info = info
-        self.events: deque[RoomEvent] = deque(maxlen=max_events)
+        self.inbox = EventInbox(max_events=max_events, room=room, identity=info.identity)
         self.messages: deque[ReceivedMessage] = deque(maxlen=max_events)
-        self.closed = False
-        self._seq = itertools.count(1)
-        self._changed = asyncio.Event()
+
+    @property
+    def closed(self) -> bool:
+        return self.inbox.closed
 
     def push(self, type_: RoomEventType, **fields: Any) -> None:
-        if self.closed:
-            return
-        event = RoomEvent(seq=next(self._seq), type=type_, timestamp=time.time(), **fields)
-        self.events.append(event)
-        if type_ in (RoomEventType.DATA_RECEIVED, RoomEventType.TEXT_RECEIVED, RoomEventType.BYTES_RECEIVED):
+        event = self.inbox.add(type_, timestamp=time.time(), **fields)
+        if event is not None and type_ in _MESSAGE_EVENTS:
             sender = event.participant.identity if event.participant else ""
             self.messages.append(
                 ReceivedMessage(sender=sender, topic=event.topic, text=event.text, data=event.data)
             )
-        self._wake()
 
     def close(self, reason: int) -> None:
         self.push(RoomEventType.DISCONNECTED, reason=reason)
-        self.closed = True
-        self._wake()
-
-    def _wake(self) -> None:
-        self._changed.set()
-        self._changed = asyncio.Event()
-
-    async def wait_changed(self, timeout: float) -> None:
-        try:
-            await asyncio.wait_for(self._changed.wait(), timeout)
-        except asyncio.TimeoutError:
-            pass
-
-    def events_after(self, seq: int) -> list[RoomEvent]:
-        return [e for e in self.events if e.seq > seq]
+        self.inbox.close()
 
 
 @dataclass
@@ -261,12 +250,10 @@ class LocalRoomServer:
 
     @endpoint(PollRequest)
     async def poll(self, request: PollRequest) -> EventBatch:
-        """Events after ``after_seq``; waits up to ``timeout`` if there are none yet."""
+        """Events after ``after_seq`` (acknowledging those up to it); waits up to ``timeout``
+        (at most ``max_poll_timeout``) if there are none yet."""
         conn = self._connection(request.connection_id)
-        timeout = min(request.timeout, self._settings.max_poll_timeout)
-        if not conn.events_after(request.after_seq) and not conn.closed and timeout > 0:
-            await conn.wait_changed(timeout)
-        return EventBatch(events=conn.events_after(request.after_seq), closed=conn.closed)
+        return await conn.inbox.next_events(request.after_seq, min(request.timeout, self._settings.max_poll_timeout))
 
     @endpoint(MessagesRequest)
     async def messages(self, request: MessagesRequest) -> ReceivedMessages:
@@ -284,7 +271,7 @@ class LocalRoomServer:
                     f"{conn.info.identity!r} received {len(matching())} of {request.count} messages"
                     f" on topic {request.topic!r} within {request.timeout}s"
                 )
-            await conn.wait_changed(remaining)
+            await conn.inbox.changed(remaining)
         return ReceivedMessages(messages=matching())
 
     @endpoint(RoomMetadataRequest)
@@ -365,8 +352,9 @@ def evict_participant(namespace: str, room: str, identity: str) -> None:
     server.leave.remote(encode(ParticipantRef(room=room, identity=identity)))
 
 
-class LocalRoomConnection:
-    """A job's connection to a local room (the ``RoomConnection`` of this backend)."""
+class LocalRoomConnection(RoomConnection):
+    """A job's connection to a local room (the ``RoomConnection`` of this backend). It has
+    none of the optional capabilities: no media, and every text stream arrives as an event."""
 
     def __init__(self, namespace: str = DEFAULT_NAMESPACE, *, call_timeout: float = 10.0) -> None:
         self._namespace = namespace

@@ -8,37 +8,30 @@ job actor pushes it the events that concern its participant.
 from __future__ import annotations
 
 import asyncio
-from collections import deque
 from typing import Any
 
 from ray.exceptions import RayActorError
 
 from ..errors import RoomUnavailable
 from ..messages import decode_reply, encode
-from .records import (
-    EventBatch,
-    EventDelivery,
-    ParticipantInfo,
-    RelayAction,
-    RelayRequest,
-    RoomEvent,
-    RoomSnapshot,
-)
+from .base import RoomConnection
+from .inbox import EventInbox
+from .records import EventBatch, EventDelivery, ParticipantInfo, RelayAction, RelayRequest, RoomSnapshot
 
 MAX_PENDING_EVENTS = 10_000
 """Events a participant actor keeps before it has consumed them; the oldest are dropped."""
 
 
-class RelayConnection:
-    """``RoomConnection`` over the job actor's connection (see the module docstring)."""
+class RelayConnection(RoomConnection):
+    """``RoomConnection`` over the job actor's connection (see the module docstring). It has
+    none of the optional capabilities: no media, and rtc's native events stay in the job."""
 
     def __init__(self, job_actor: Any, snapshot: RoomSnapshot, *, call_timeout: float) -> None:
         self._job_actor = job_actor
         self._snapshot = snapshot
         self._call_timeout = call_timeout
-        self._events: deque[RoomEvent] = deque(maxlen=MAX_PENDING_EVENTS)
-        self._changed = asyncio.Event()
-        self._closed = False
+        # Events keep the job's numbering (``put``): they are a subset of the job's own.
+        self._inbox = EventInbox(max_events=MAX_PENDING_EVENTS, room=snapshot.room, identity=snapshot.local.identity)
         self._next_index = 1
         self._held: dict[int, EventDelivery] = {}
 
@@ -48,14 +41,13 @@ class RelayConnection:
             return  # a duplicate
         self._held[delivery.index] = delivery
         while self._next_index in self._held:
-            self._events.extend(self._held.pop(self._next_index).events)
+            for event in self._held.pop(self._next_index).events:
+                self._inbox.put(event)
             self._next_index += 1
-        self._changed.set()
-        self._changed = asyncio.Event()
 
     def close(self) -> None:
-        self._closed = True
-        self._changed.set()
+        """End the event stream: the facade reads what is left, then sees ``closed``."""
+        self._inbox.close()
 
     async def _relay(self, request: RelayRequest) -> None:
         try:
@@ -76,14 +68,7 @@ class RelayConnection:
         return self._snapshot
 
     async def next_events(self, after_seq: int, timeout: float) -> EventBatch:
-        while self._events and self._events[0].seq <= after_seq:
-            self._events.popleft()  # consumed
-        if not any(e.seq > after_seq for e in self._events) and not self._closed:
-            try:
-                await asyncio.wait_for(self._changed.wait(), timeout)
-            except asyncio.TimeoutError:
-                pass
-        return EventBatch(events=[e for e in self._events if e.seq > after_seq], closed=self._closed)
+        return await self._inbox.next_events(after_seq, timeout)
 
     async def set_attributes(self, attributes: dict[str, str]) -> None:
         await self._relay(RelayRequest.build(action=RelayAction.SET_ATTRIBUTES, attributes=attributes))
