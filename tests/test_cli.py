@@ -228,7 +228,7 @@ def test_sigterm_drains_a_served_agent_and_a_second_one_is_not_needed(tmp_path, 
     proc, client = serve_in_subprocess("start", agent, namespace)
     try:
         user = rooms.join("drained-room", "user")
-        job_id = client.submit(room="drained-room")
+        client.submit(room="drained-room")
         user.wait_for_messages(1, topic="hello", timeout=20)
     finally:
         proc.send_signal(signal.SIGTERM)

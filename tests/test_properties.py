@@ -17,6 +17,7 @@ import dataclasses
 import enum
 import functools
 import json
+import importlib
 import math
 import operator
 import os
@@ -32,11 +33,11 @@ from hypothesis import HealthCheck, assume, event, example, given, settings
 from hypothesis import strategies as st
 from livekit.api import TokenVerifier
 
-import rayvisor.actors.records  # registers the job actor's records
+importlib.import_module("rayvisor.actors.records")  # registers the job actor's records
 import rayvisor.rooms.records as room_records
-import rayvisor.supervisor.store  # noqa: F401  (registers JobSnapshot)
+importlib.import_module("rayvisor.supervisor.store")  # registers JobSnapshot
 from rayvisor import errors
-from rayvisor.agents.options import WorkerOptions, WorkerPermissions
+from rayvisor.agents.options import MAX_TOKEN_TTL, WorkerOptions, WorkerPermissions
 from rayvisor.errors import (
     InvalidAgent,
     InvalidJobSpec,
@@ -925,8 +926,10 @@ OPTION_FIELDS = sorted(name for name in WorkerOptions.__dataclass_fields__ if na
 @given(st.sampled_from(DURATIONS),
        st.floats() | st.integers(-10**6, 10**6) | st.none() | st.text(CHARS, max_size=4) | st.lists(st.floats(), max_size=1))
 def test_worker_options_accept_exactly_the_positive_finite_durations(name, value):
-    """Every duration option is a positive, finite number of seconds; anything else is ``InvalidAgent``."""
+    """Every duration option is a positive, finite number of seconds (``token_ttl`` at most
+    ``MAX_TOKEN_TTL``); anything else is ``InvalidAgent``."""
     ok = isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+    ok = ok and (name != "token_ttl" or value <= MAX_TOKEN_TTL)
     try:
         opts = worker_options(**{name: value})
     except InvalidAgent:
