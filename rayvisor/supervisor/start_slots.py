@@ -3,7 +3,9 @@
 A Ray actor starts a fresh interpreter: CPU-bound work. Twenty at once on two cores all
 start slowly and miss ``initialize_process_timeout`` together; a few at a time each start
 quickly. Jobs waiting for a slot stay STARTING and their timeout starts with their turn.
-Jobs go first, in arrival order: the warm pool gets a slot only when no job waits.
+Jobs go first, in arrival order: the warm pool gets a slot only when no job waits, and no
+job is starting at all (warm starts take no slot, yet a refill spawning interpreters
+beside them would slow down the very burst it refills after).
 
 Slots are handed over, never raced for: ``release`` gives the freed slot straight to the
 next waiter, so a waiter that is cancelled just after being handed one gives it back.
@@ -14,15 +16,28 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
+from collections.abc import Iterator
 
 
 class StartSlots:
     def __init__(self, limit: Callable[[], int]) -> None:
         self._limit = limit
         self._in_use = 0
+        self._jobs_starting = 0
         self._jobs: deque[asyncio.Future[None]] = deque()
         self._pool: deque[asyncio.Future[None]] = deque()
+
+    @contextmanager
+    def job_starting(self) -> Iterator[None]:
+        """Around a job's start (warm or cold): the pool takes no slot meanwhile."""
+        self._jobs_starting += 1
+        try:
+            yield
+        finally:
+            self._jobs_starting -= 1
+            if self._jobs_starting == 0:
+                self._hand_out()
 
     @property
     def in_use(self) -> int:
@@ -34,7 +49,7 @@ class StartSlots:
 
     async def acquire(self, *, job: bool) -> None:
         """Wait for a slot (jobs before the pool, each in arrival order)."""
-        ahead = self._jobs if job else (self._jobs or self._pool)
+        ahead = self._jobs if job else (self._jobs or self._pool or self._jobs_starting)
         if self._in_use < self.limit and not ahead:
             self._in_use += 1
             return
@@ -52,6 +67,9 @@ class StartSlots:
     def release(self) -> None:
         """Free a slot: hand it to the next waiter (a job first), if the limit allows."""
         self._in_use -= 1
+        self._hand_out()
+
+    def _hand_out(self) -> None:
         while self._in_use < self.limit:
             waiter = self._next_waiter()
             if waiter is None:
@@ -60,7 +78,7 @@ class StartSlots:
             waiter.set_result(None)
 
     def _next_waiter(self) -> asyncio.Future[None] | None:
-        for queue in (self._jobs, self._pool):
+        for queue in (self._jobs, self._pool) if not self._jobs_starting else (self._jobs,):
             while queue:
                 waiter = queue.popleft()
                 if not waiter.done():

@@ -1,0 +1,50 @@
+"""Start slots: jobs before the warm pool, and no refill while any job is starting. No Ray."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from rayvisor.supervisor.start_slots import StartSlots
+
+DEADLINE = 5.0
+"""Seconds any one scenario may take (they take milliseconds)."""
+
+
+def run(test: Any) -> None:
+    async def bounded() -> None:
+        async with asyncio.timeout(DEADLINE):
+            await test()
+    asyncio.run(bounded())
+
+
+def test_the_pool_waits_while_any_job_starts_even_a_warm_one_that_holds_no_slot() -> None:
+    async def scenario() -> None:
+        slots = StartSlots(lambda: 4)
+        with slots.job_starting():  # a warm start: no slot, yet its burst must not be slowed
+            refill = asyncio.ensure_future(slots.acquire(job=False))
+            await asyncio.sleep(0.01)
+            assert not refill.done() and slots.in_use == 0
+            await slots.acquire(job=True)  # a cold job still gets a slot at once
+            assert slots.in_use == 1
+        await refill  # the last start is done: the refill goes
+        assert slots.in_use == 2
+    run(scenario)
+
+
+def test_a_freed_slot_goes_to_a_waiting_job_not_to_the_pool_while_jobs_start() -> None:
+    async def scenario() -> None:
+        slots = StartSlots(lambda: 1)
+        await slots.acquire(job=True)
+        refill = asyncio.ensure_future(slots.acquire(job=False))
+        with slots.job_starting():
+            job = asyncio.ensure_future(slots.acquire(job=True))
+            await asyncio.sleep(0)
+            slots.release()
+            await job
+            assert not refill.done()
+            slots.release()
+            await asyncio.sleep(0.01)
+            assert not refill.done(), "a job is still starting"
+        await refill
+    run(scenario)
