@@ -273,6 +273,9 @@ class JobStart(Record):
     """LiveKit backend: the job's room token."""
     api_token: str = ""
     """LiveKit backend: a short-lived server API token for ``ctx.api`` (the job never holds the secret)."""
+    run: bool = False
+    """Start the entrypoint as soon as the job is prepared: a start in one message (the
+    reply still goes out first, so an entrypoint that blocks its loop cannot hold it back)."""
 
 
 @register

@@ -32,6 +32,7 @@ class FakeCluster:
     def __init__(self, totals: Mapping[str, float] | None = None, alive_nodes: frozenset[str] = frozenset({"node-1"})):
         self.totals = dict(totals or {"CPU": 2.0})
         self.alive_nodes = alive_nodes
+        self.lost_nodes: frozenset[str] = frozenset()
         self.refreshes = 0
 
     @property
@@ -59,7 +60,7 @@ class FakeJobActor:
     ``hang``, and ends cleanly on a shutdown request if ``obeys_shutdown``."""
 
     def __init__(self, name: str, *, start_error: str | None = None, obeys_shutdown: bool = True,
-                 node_id: str = "node-1") -> None:
+                 node_id: str = "node-1", start_held: bool = False) -> None:
         self.name = name
         self.start_error = start_error
         self.obeys_shutdown = obeys_shutdown
@@ -69,13 +70,24 @@ class FakeJobActor:
         self.killed = False
         self.hung = False
         self.shutdown_requests: list[ShutdownRequest] = []
+        self.starts: list[Any] = []
+        self.start_gate = asyncio.Event()
+        """Held (``start_held``) to keep the start call in flight until the test sets it."""
+        if not start_held:
+            self.start_gate.set()
+        self.verdict: asyncio.Future[ActorFate] = asyncio.get_running_loop().create_future()
+        """Ray's verdict on its death (``fate``): the test resolves it; DIED by default once it crashed."""
         self._outcome: asyncio.Future[JobOutcome] = asyncio.get_running_loop().create_future()
 
     # -- what the driver calls --------------------------------------------------------------
 
     async def start(self, start: Any, timeout: float) -> ActorStarted:
+        self.starts.append(start)
+        await self.start_gate.wait()
         if self.start_error is not None:
             raise StartError(self.start_error)
+        if start.run and not self.shutdown_requests:  # a shutdown that came first keeps it from running
+            self.run()
         return ActorStarted(pid=self.pid, node_id=self.node)
 
     def run(self) -> None:
@@ -91,7 +103,7 @@ class FakeJobActor:
 
     def request_shutdown(self, request: ShutdownRequest) -> None:
         self.shutdown_requests.append(request)
-        if self.obeys_shutdown:
+        if self.obeys_shutdown and (self.ran.is_set() or self.starts):
             self.finish(JobState.SUCCEEDED, request.cause, request.reason)
 
     def kill(self) -> None:
@@ -100,7 +112,10 @@ class FakeJobActor:
             self._outcome.set_exception(ActorGone("killed"))
 
     async def fate(self, wait: float) -> ActorFate:
-        return ActorFate.DIED
+        try:
+            return await asyncio.wait_for(asyncio.shield(self.verdict), wait)
+        except asyncio.TimeoutError:
+            return ActorFate.UNDECIDED
 
     def node_id(self) -> str:
         return self.node
@@ -117,7 +132,10 @@ class FakeJobActor:
         if not self._outcome.done():
             self._outcome.set_result(JobOutcome(state=state, cause=cause, reason=reason))
 
-    def crash(self) -> None:
+    def crash(self, verdict: ActorFate | None = ActorFate.DIED) -> None:
+        """Its process dies; Ray's ``verdict`` comes with it (None: later, by ``verdict.set_result``)."""
+        if verdict is not None and not self.verdict.done():
+            self.verdict.set_result(verdict)
         if not self._outcome.done():
             self._outcome.set_exception(ActorGone("the actor died"))
 

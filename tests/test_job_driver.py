@@ -41,7 +41,8 @@ class Harness:
         self.tasks: set[asyncio.Task[Any]] = set()
         self.drivers = JobDrivers(DriverServices(
             table=self.table, metrics=self.metrics, pools=NoPools(), start_slots=self.slots, cluster=FakeCluster(),
-            new_actor=self._new_actor, job_start=self._job_start, persist=self._persist, admitting=lambda: True,
+            new_actor=self._new_actor, job_start=self._job_start, persist=self._persist, flush=self._flush,
+            admitting=lambda: True,
             withdraw_offer=lambda record, cause, reason: False, evict=lambda record: self.evicted.append(record.id),
             tasks=self.tasks))
 
@@ -59,6 +60,9 @@ class Harness:
     def _persist(self, record: JobRecord, end: AttemptEnd | None) -> None:
         self.snapshots.append((record.id, end))
 
+    async def _flush(self) -> None:
+        await asyncio.sleep(0)
+
     def job(self, opts: WorkerOptions, *, restart: RestartPolicy = RestartPolicy.TEMPORARY) -> JobDriver:
         record = JobRecord(id=f"RJ_{len(self.table.all())}", spec=JobSpec(room="room"), agent_name=opts.agent_name,
                            shutdown_budget=opts.shutdown_process_timeout, restart_policy=restart)
@@ -72,6 +76,12 @@ class Harness:
         while len(self.actors) < count or not self.actors[count - 1].ran.is_set():
             await asyncio.sleep(0.001)
         return self.actors[count - 1]
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Until ``condition`` holds (the scenario's DEADLINE bounds it)."""
+    while not condition():
+        await asyncio.sleep(0.001)
 
 
 def scenario(test: Callable[[], Awaitable[None]]) -> None:
@@ -103,6 +113,7 @@ def test_a_job_that_ends_on_its_own_succeeds_and_its_actor_is_let_go() -> None:
         assert (record.cause, record.info().pid) == (Cause.ROOM_EMPTY, actor.pid)
         assert [(a.attempt, a.state) for a in record.attempts] == [(1, JobState.SUCCEEDED)]
         assert actor.killed, "a detached job actor does not go away by itself"
+        assert [start.run for start in actor.starts] == [True], "start and run go in one message"
         assert h.evicted == [record.id]
         assert h.drivers.get(record.id) is None, "an ended job's driver is let go"
     scenario(run)
@@ -160,7 +171,7 @@ def test_a_shutdown_whose_budget_is_spent_kills_the_actor() -> None:
         record = driver.record
         assert (record.state, record.cause) == (JobState.KILLED, Cause.SHUTDOWN_TIMEOUT)
         assert "shutdown_process_timeout=0.05s" in (record.error or "")
-        assert actor.killed
+        await until(lambda: actor.killed)  # once the snapshot saying why is written
         assert (record.id, record.current.kill_end) in h.snapshots, "the kill is snapshotted before it lands"
     scenario(run)
 
@@ -187,7 +198,7 @@ def test_an_actor_that_stops_answering_pings_is_killed_as_unresponsive() -> None
         await driver.record.finished.wait()
 
         assert (driver.record.state, driver.record.cause) == (JobState.KILLED, Cause.UNRESPONSIVE)
-        assert h.actors[0].killed
+        await until(lambda: h.actors[0].killed)
     scenario(run)
 
 
@@ -261,4 +272,78 @@ def test_the_job_shuts_itself_down_and_its_driver_holds_the_deadline() -> None:
 
         assert (driver.record.state, driver.record.cause) == (JobState.KILLED, Cause.SHUTDOWN_TIMEOUT)
         assert driver.record.current.shutdown_trigger is Cause.ROOM_EMPTY
+    scenario(run)
+
+
+def test_a_crash_is_recorded_at_once_and_corrected_to_node_lost_when_rays_verdict_says_so() -> None:
+    async def run() -> None:
+        from rayvisor.supervisor.job_handle import ActorFate
+
+        h = Harness()
+        driver = h.job(options())
+        actor = await h.running_actor()
+        actor.crash(verdict=None)  # Ray has not decided yet: the node's health checks are still running
+        await driver.record.finished.wait()
+        record = driver.record
+        assert (record.state, record.cause) == (JobState.FAILED, Cause.ACTOR_CRASHED)
+        assert not actor.killed, "a kill would be a verdict of its own and hide the node's loss"
+
+        actor.verdict.set_result(ActorFate.DIED_WITH_NODE)
+        while record.cause is not Cause.NODE_LOST:
+            await asyncio.sleep(0.001)
+        assert record.attempts[0].cause is Cause.NODE_LOST and actor.killed
+        assert [(e.state, e.cause) for e in h.table._events if e.state is JobState.FAILED] == [
+            (JobState.FAILED, Cause.ACTOR_CRASHED), (JobState.FAILED, Cause.NODE_LOST)]
+        assert h.metrics.counter("rayvisor_jobs_ended", state="FAILED", cause="actor_crashed") == 0
+        assert h.metrics.counter("rayvisor_jobs_ended", state="FAILED", cause="node_lost") == 1
+    scenario(run)
+
+
+def test_a_restarted_jobs_crashed_attempt_is_corrected_in_its_history_and_the_restart_metric() -> None:
+    async def run() -> None:
+        from rayvisor.supervisor.job_handle import ActorFate
+
+        h = Harness()
+        driver = h.job(options(), restart=RestartPolicy.TRANSIENT)
+        first = await h.running_actor()
+        first.crash(verdict=None)
+        await h.running_actor(2)
+        first.verdict.set_result(ActorFate.DIED_WITH_NODE)
+        record = driver.record
+        while record.attempts[0].cause is not Cause.NODE_LOST:
+            await asyncio.sleep(0.001)
+        assert (record.state, record.cause, record.attempt) == (JobState.RUNNING, None, 2)
+        assert h.metrics.counter("rayvisor_job_restarts", cause="actor_crashed") == 0
+        assert h.metrics.counter("rayvisor_job_restarts", cause="node_lost") == 1
+    scenario(run)
+
+
+def test_a_crash_on_a_node_already_known_lost_is_recorded_node_lost_at_once() -> None:
+    async def run() -> None:
+        h = Harness()
+        driver = h.job(options())
+        actor = await h.running_actor()
+        h.drivers.services.cluster.lost_nodes = frozenset({actor.node})
+        actor.crash(verdict=None)
+        await driver.record.finished.wait()
+        assert driver.record.cause is Cause.NODE_LOST
+    scenario(run)
+
+
+def test_a_shutdown_while_the_start_is_in_flight_reaches_the_actor_and_the_start_is_not_abandoned() -> None:
+    async def run() -> None:
+        h = Harness(start_held=True)
+        driver = h.job(options())
+        while not h.actors or not h.actors[0].starts:
+            await asyncio.sleep(0.001)
+        actor = h.actors[0]
+        while not actor.starts:
+            await asyncio.sleep(0.001)
+        driver.begin_shutdown(Cause.USER_SHUTDOWN, "changed my mind", notify_actor=True)
+        assert actor.shutdown_requests, "the actor hears of the shutdown while its start is in flight"
+        actor.start_gate.set()
+        await driver.record.finished.wait()
+
+        assert (driver.record.state, driver.record.cause) == (JobState.SUCCEEDED, Cause.USER_SHUTDOWN)
+        assert not actor.ran.is_set() and actor.killed
     scenario(run)

@@ -2,7 +2,8 @@
 
 Calls to an actor on a crashed node fail at once ("temporarily unavailable"), while Ray
 declares the node dead only after its health checks fail (~15 s with Ray's defaults). The
-supervisor must wait for Ray's verdict instead of taking the broken call for a crash."""
+supervisor records the failure at once as ``actor_crashed`` (a crash is never held back by
+a verdict), and corrects it to ``node_lost`` when Ray's verdict on the node arrives."""
 
 from __future__ import annotations
 
@@ -55,9 +56,15 @@ def test_a_job_on_a_node_ray_declares_dead_late_ends_node_lost_not_actor_crashed
     declared_dead_after = wait_until(lambda: not node_alive(doomed.node_id) and time.monotonic() - lost_at,
                                      timeout=60, interval=0.05)
 
-    ended = client.wait(doomed.id, timeout=60)
     assert declared_dead_after > RAY_WAIT_FOR_DEATH_INFO  # the premise: the job's calls failed before Ray decided
-    assert (ended.state, ended.cause) == (JobState.FAILED, Cause.NODE_LOST)
+    corrected = wait_until(lambda: (i := client.status(doomed.id)).cause == Cause.NODE_LOST and i, timeout=60)
+    assert corrected.state == JobState.FAILED and corrected.attempts[0].cause == Cause.NODE_LOST
+    ends = [(e.state, e.cause) for e in client.events() if e.job_id == doomed.id and e.state == JobState.FAILED]
+    assert ends == [(JobState.FAILED, Cause.ACTOR_CRASHED), (JobState.FAILED, Cause.NODE_LOST)]
+    counters = client.metrics().counters
+    assert counters.get("rayvisor_jobs_ended|cause=node_lost|state=FAILED") == 1
+    assert not counters.get("rayvisor_jobs_ended|cause=actor_crashed|state=FAILED")
+    assert counters.get("rayvisor_job_cause_corrections|now=node_lost|was=actor_crashed") == 1
     assert client.status(survivor.id).state == JobState.RUNNING  # the other node's job is untouched
     client.shutdown(survivor.id)
     assert client.wait(survivor.id, timeout=30).cause == Cause.USER_SHUTDOWN

@@ -58,3 +58,19 @@ def test_intensity_counts_restarts_within_the_window_only() -> None:
     assert list(recent) == [NOW - 10, NOW - 5]  # the one outside the window was forgotten
     full = deque([NOW - 30, NOW - 20, NOW - 10])
     assert decide(RestartPolicy.TRANSIENT, CRASHED, restart_times=full, max_restarts=3) == Cause.RESTART_LIMIT
+
+
+@pytest.mark.parametrize("policy", list(RestartPolicy))
+@pytest.mark.parametrize("trigger", [None, Cause.USER_SHUTDOWN, Cause.MEMORY_LIMIT])
+def test_node_lost_is_decided_as_actor_crashed_is(policy: RestartPolicy, trigger: Cause | None) -> None:
+    """A crash is recorded ``actor_crashed`` at once and may be corrected to ``node_lost`` once
+    Ray's verdict arrives; the restart decided at first must be the one the verdict implies."""
+    def ended(cause: Cause) -> EndedAttempt:
+        return EndedAttempt(state=JobState.FAILED, cause=cause, trigger=trigger)
+
+    def kind(decision: Cause | None) -> str:
+        return "end" if decision is None else "limit" if decision is Cause.RESTART_LIMIT else "restart"
+
+    for times in (deque(), deque([NOW - 1.0] * 3)):
+        assert kind(decide(policy, ended(Cause.NODE_LOST), restart_times=deque(times))) == \
+            kind(decide(policy, ended(Cause.ACTOR_CRASHED), restart_times=deque(times)))

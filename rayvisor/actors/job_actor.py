@@ -221,6 +221,16 @@ class JobRunner:
             self.request_shutdown(Cause.ROOM_DISCONNECTED, f"disconnected from the room: {name}")
 
 
+def after_this_reply(callback: Callable[[], Any]) -> None:
+    """Call ``callback`` once the running actor method's reply has gone to Ray.
+
+    Ray resolves an async actor call in a done-callback of the method's task, scheduled
+    when the method returns. A callback scheduled from inside the method would run before
+    it; rescheduled once more, it runs after it."""
+    loop = asyncio.get_running_loop()
+    loop.call_soon(loop.call_soon, callback)
+
+
 class _SupervisorReporter:
     """Fire-and-forget reports to the supervisor (never awaited: the job must not block on it)."""
 
@@ -273,10 +283,10 @@ class JobActor:
         })
 
     async def start(self, data: bytes) -> bytes:
-        """Prewarm if needed and prepare the job; returns where it runs.
-
-        The entrypoint is started by a separate ``run`` call: an entrypoint that blocks the
-        loop from its first line must not be able to hold back this reply.
+        """Prewarm if needed and prepare the job; returns where it runs. With ``start.run``
+        the entrypoint starts right after this reply has been handed to Ray (so an entrypoint
+        that blocks the loop from its first line cannot hold the reply back); otherwise a
+        separate ``run`` call starts it.
         """
         start = decode(data, JobStart)
         if self._runner is not None:  # a restarted supervisor asking again: same answer
@@ -304,6 +314,8 @@ class JobActor:
         self._memory.start()
         if self._early_shutdown is not None:
             self._runner.request_shutdown(self._early_shutdown.cause, self._early_shutdown.reason, from_supervisor=True)
+        if start.run:
+            after_this_reply(runner.start)
         return encode(ActorStarted(pid=os.getpid(), node_id=ray.get_runtime_context().get_node_id()))
 
     async def run(self) -> bytes:

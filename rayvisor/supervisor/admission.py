@@ -63,6 +63,8 @@ class Admission:
         self._agent_options = agent_options
         self._idle_actors = idle_actors
         self._refusal: str | None = None
+        self._demand: tuple[tuple[int, bool], Demand] | None = None
+        """The last ``demand()``, with the table version and slot mode it was computed for."""
 
     # -- admitting or not -----------------------------------------------------------------
 
@@ -113,7 +115,7 @@ class Admission:
         record = JobRecord(id=spec.job_id or new_job_id(), spec=spec, agent_name=opts.agent_name,
                            shutdown_budget=opts.shutdown_process_timeout, restart_policy=spec.restart or opts.restart)
         self._table.add(record)
-        self._metrics.active_jobs(len(self._table.live()))
+        self._metrics.active_jobs(self._table.live_count)
         return record
 
     async def ask(self, record: JobRecord, opts: WorkerOptions) -> None:
@@ -152,20 +154,30 @@ class Admission:
     def reject(self, record: JobRecord, cause: Cause, reason: str) -> None:
         """End a job that never ran (refused, or withdrawn before LiveKit assigned it)."""
         self._table.transition(record, JobState.REJECTED, cause=cause, reason=reason)
-        self._metrics.active_jobs(len(self._table.live()))
+        self._metrics.active_jobs(self._table.live_count)
 
     # -- capacity -------------------------------------------------------------------------
+
+    def agents_changed(self) -> None:
+        """An agent was registered again: its jobs' bundles may differ."""
+        self._demand = None
 
     def bundle(self, opts: WorkerOptions) -> Bundle:
         """What one job actor of ``opts`` asks Ray for."""
         return job_bundle(opts.job_resources, slot_resource=SLOT_RESOURCE if self._cluster.slots_in_use else None)
 
     def demand(self) -> Demand:
-        """What the live jobs hold, or will hold once started (see ``capacity``)."""
+        """What the live jobs hold, or will hold once started (see ``capacity``). Computed
+        once per change of the table: a burst's admissions and the pools' rebalancing read it
+        many times between two changes. Callers must not change it."""
+        key = (self._table.version, self._cluster.slots_in_use)
+        if self._demand is not None and self._demand[0] == key:
+            return self._demand[1]
         demand = Demand()
         for record in self._table.live():
             demand.add_job(record.agent_name, self.bundle(self._agent_options(record.agent_name)),
                            waiting=record.state == JobState.PENDING)
+        self._demand = (key, demand)
         return demand
 
     async def load(self, *, admitting: bool = True) -> float | None:
@@ -175,7 +187,7 @@ class Admission:
         settings = self._settings
         if settings.load_fnc is None:
             return None
-        info = LoadInfo(active_jobs=len(self._table.live()), max_jobs=settings.max_jobs, idle_actors=self._idle_actors())
+        info = LoadInfo(active_jobs=self._table.live_count, max_jobs=settings.max_jobs, idle_actors=self._idle_actors())
         try:
             return float(await asyncio.wait_for(asyncio.to_thread(settings.load_fnc, info), settings.load_timeout))
         except asyncio.TimeoutError:
@@ -190,7 +202,7 @@ class Admission:
     def capacity_problem(self, opts: WorkerOptions, load: float | None) -> str | None:
         """Why one more job of ``opts`` would be over capacity, or None."""
         settings = self._settings
-        live = len(self._table.live())
+        live = self._table.live_count
         if settings.max_jobs is not None and live >= settings.max_jobs:
             return f"{live} jobs are running; max_jobs={settings.max_jobs}"
         if load is not None and load >= settings.load_threshold:
@@ -209,7 +221,7 @@ class Admission:
         """The cluster's load as one LiveKit worker reports it: ``load_fnc`` if given, else
         live jobs over capacity (``max_jobs`` or the cluster's slots); full when a job would
         be refused."""
-        live = len(self._table.live())
+        live = self._table.live_count
         draining = not self.admitting
         try:
             load = await self.load(admitting=False)

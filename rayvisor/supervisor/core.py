@@ -32,6 +32,7 @@ from .pool import WarmPools
 from .recovery import Recovery, kill_strays, snapshot_of
 from .settings import SupervisorSettings
 from .start_slots import StartSlots
+from .snapshot_writer import SnapshotWriter
 from .store import SupervisorStore
 from .worker_bridge import WorkerLoad
 
@@ -67,9 +68,10 @@ class SupervisorCore:
         self.tasks: set[asyncio.Task[Any]] = set()
         self.metrics = SupervisorMetrics(self.worker_id)
         self.store = SupervisorStore(namespace)
+        self.snapshots = SnapshotWriter(self.store, self.tasks)
         self.table = JobTable(finished_job_history=self.settings.finished_job_history,
                               event_history=self.settings.event_history,
-                              on_change=self._job_changed, on_evict=self.store.delete_job)
+                              on_change=self._job_changed, on_evict=self.snapshots.delete)
         self.cluster = ClusterView(interval=self.settings.cluster_view_interval, on_change=self._cluster_changed,
                                    tasks=self.tasks)
         self.admission = Admission(settings=self.settings, table=self.table, cluster=self.cluster,
@@ -84,6 +86,7 @@ class SupervisorCore:
         self.drivers = JobDrivers(DriverServices(
             table=self.table, metrics=self.metrics, pools=self.pools, start_slots=self.start_slots,
             cluster=self.cluster, new_actor=self._new_actor, job_start=self._job_start, persist=self._persist,
+            flush=self.snapshots.flush,
             admitting=lambda: self.admission.admitting, withdraw_offer=self.livekit.withdraw_offer,
             evict=lambda record: evict_participant(namespace, record.spec.room, record.identity), tasks=self.tasks))
         if restarted_by_ray():
@@ -93,7 +96,7 @@ class SupervisorCore:
             self.livekit.resume()  # first, so what recovery changes is reported to LiveKit
             Recovery(store=self.store, table=self.table, drivers=self.drivers, namespace=namespace,
                      agent_options=self.agents.get).adopt()
-            self.metrics.active_jobs(len(self.table.live()))
+            self.metrics.active_jobs(self.table.live_count)
             for agent in self.agents.values():
                 self.start_pool(agent)
         else:  # a new supervisor: whatever an earlier one left in this namespace is not ours
@@ -106,6 +109,7 @@ class SupervisorCore:
         """Register (or replace, for new jobs) the agent named ``opts.agent_name``."""
         self.pools.stop(opts.agent_name)
         self.agents[opts.agent_name] = opts
+        self.admission.agents_changed()
         self.store.put_agent(opts)
         self.start_pool(opts)
 
@@ -182,7 +186,7 @@ class SupervisorCore:
             url=url, token=token, api_token=api_token)
 
     def _persist(self, record: JobRecord, attempt_end: AttemptEnd | None = None) -> None:
-        self.store.put_job(snapshot_of(record, attempt_end))
+        self.snapshots.put(snapshot_of(record, attempt_end))
 
     def _job_changed(self, record: JobRecord) -> None:
         """Every transition: snapshot it, tell the LiveKit server about dispatched jobs, let

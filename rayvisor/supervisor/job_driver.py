@@ -16,7 +16,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -31,7 +31,7 @@ from ..messages import (
     ShutdownRequest,
     ShutdownStarted,
 )
-from .attempt import AttemptEnd
+from .attempt import Attempt, AttemptEnd
 from .job_handle import ActorFate, ActorGone, JobActorHandle, StartError
 from .job_table import JobRecord, JobTable
 from .metrics import SupervisorMetrics
@@ -41,6 +41,9 @@ from .start_slots import StartSlots
 logger = logging.getLogger("rayvisor.supervisor")
 
 LIVE_BEFORE_SHUTDOWN = (JobState.PENDING, JobState.STARTING, JobState.RUNNING)
+KILL_AFTER_SNAPSHOT_WAIT = 0.1
+"""Seconds a kill waits for the snapshot that tells a successor why (then it kills anyway:
+the shutdown bound comes first)."""
 PING_JITTER = 0.1
 """Pings are spread by +-10% of ``ping_interval`` so many jobs do not ping in lockstep."""
 
@@ -57,6 +60,9 @@ class Cluster(Protocol):
 
     @property
     def alive_nodes(self) -> frozenset[str]: ...
+
+    @property
+    def lost_nodes(self) -> frozenset[str]: ...
 
     async def refresh(self) -> None: ...
 
@@ -80,7 +86,10 @@ class DriverServices:
     """A cold actor for ``opts``, named by the given suffix."""
     job_start: Callable[[JobRecord, WorkerOptions], JobStart]
     persist: Callable[[JobRecord, AttemptEnd | None], None]
-    """Snapshot the record (with the current attempt's end, when known before it is recorded)."""
+    """Snapshot the record (with the current attempt's end, when known before it is
+    recorded); written in the background."""
+    flush: Callable[[], Awaitable[None]]
+    """Until every snapshot persisted so far is written."""
     admitting: Callable[[], bool]
     withdraw_offer: Callable[[JobRecord, Cause, str], bool]
     """A job still on offer to LiveKit ends REJECTED at once (True), or not (False)."""
@@ -114,20 +123,21 @@ class JobDriver:
                 else:
                     end = await self._run_attempt()
                 record.end_attempt(end)
-                # A killed or crashed attempt never left its room; take its participant out.
-                await asyncio.to_thread(self._s.evict, record)
                 decision = restart_decision(
                     record.restart_policy,
                     EndedAttempt(state=end.state, cause=end.cause, trigger=record.current.shutdown_trigger),
                     admitting=self._s.admitting(), restart_times=record.restart_times, now=time.monotonic(),
                     restart_window=opts.restart_window, max_restarts=opts.max_restarts)
-                if decision is None:
-                    self._finish(end)
-                    return
                 if decision is Cause.RESTART_LIMIT:
-                    self._finish(AttemptEnd(JobState.FAILED, Cause.RESTART_LIMIT, end.reason, (
+                    end = AttemptEnd(JobState.FAILED, Cause.RESTART_LIMIT, end.reason, (
                         f"{opts.max_restarts} restarts within restart_window={opts.restart_window}s; "
-                        f"last attempt ended with {end.cause.value}: {end.error or ''}").strip()))
+                        f"last attempt ended with {end.cause.value}: {end.error or ''}").strip())
+                if decision is None or decision is Cause.RESTART_LIMIT:
+                    self._finish(end)  # recorded first: the eviction below is a GCS call
+                # A killed or crashed attempt never left its room; take its participant out
+                # (before a restart: the next attempt joins with the same identity).
+                await asyncio.to_thread(self._s.evict, record)
+                if decision is None or decision is Cause.RESTART_LIMIT:
                     return
                 self._restart(end)
         except Exception as err:
@@ -142,7 +152,7 @@ class JobDriver:
                 self._s.metrics.ended(JobState.FAILED.value, cause.value)
             await asyncio.to_thread(self._s.evict, record)
         finally:
-            self._s.metrics.active_jobs(len(self._s.table.live()))
+            self._s.metrics.active_jobs(self._s.table.live_count)
 
     def _not_started(self) -> AttemptEnd:
         """The end of an attempt shut down before its entrypoint ran: nothing ran."""
@@ -158,6 +168,23 @@ class JobDriver:
         if record.state == JobState.PENDING:
             self._s.table.transition(record, JobState.STARTING)
         start = self._s.job_start(record, opts)
+        with self._s.start_slots.job_starting():  # the warm pool refills once no job is starting
+            taken = await self._take_and_start(start)
+        if isinstance(taken, AttemptEnd):
+            return taken
+        handle, started = taken
+        current.pid, current.node_id = started.pid, started.node_id  # its entrypoint runs from here
+        if record.state == JobState.STARTING:
+            self._s.table.transition(record, JobState.RUNNING)
+            self._s.metrics.job_started(time.monotonic() - current.began)
+        else:
+            self._s.persist(record, None)  # no transition follows: keep pid and node in the snapshot
+        return await self._follow_attempt(handle)
+
+    async def _take_and_start(self, start: JobStart) -> tuple[JobActorHandle, Any] | AttemptEnd:
+        """Take an actor (a warm one if the pool has one, else a cold one, in turn) and start
+        the job on it: the actor and where it runs, or the attempt's end if it could not start."""
+        record, opts, current = self.record, self.opts, self.record.current
         claim = (self._s.pools.take(opts.agent_name)
                  if self._s.admitting() and not current.shutdown_requested.is_set() else None)
         pooled = await self._claimed_actor(claim) if claim is not None else None
@@ -183,7 +210,7 @@ class JobDriver:
                     if started is None:  # shut down before its entrypoint ran: nothing to wait for
                         handle.kill()
                         return self._not_started()
-                    break
+                    return handle, started
                 except (ActorGone, StartError, asyncio.TimeoutError) as err:
                     lost_node = (isinstance(err, ActorGone) and pooled is None and current.kill_end is None
                                  and await self._death_cause(handle) is Cause.NODE_LOST)
@@ -200,14 +227,6 @@ class JobDriver:
             finally:
                 if cold:
                     self._s.start_slots.release()
-        current.pid, current.node_id = started.pid, started.node_id
-        handle.run()
-        if record.state == JobState.STARTING:
-            self._s.table.transition(record, JobState.RUNNING)
-            self._s.metrics.job_started(time.monotonic() - current.began)
-        else:
-            self._s.persist(record, None)  # no transition follows: keep pid and node in the snapshot
-        return await self._follow_attempt(handle)
 
     async def _claimed_actor(self, claim: "asyncio.Future[JobActorHandle | None]") -> JobActorHandle | None:
         """The warm-pool actor the job took: at once if it was ready, else when its prewarm
@@ -229,12 +248,15 @@ class JobDriver:
         await asyncio.gather(step, return_exceptions=True)
 
     async def _start_unless_shut_down(self, handle: JobActorHandle, start: JobStart) -> Any:
-        """Start the attempt's actor; None if the job is shut down first. Until ``start``
-        returns no entrypoint has run (``run`` comes after), so there is nothing graceful to
-        wait for: the caller kills the actor at once instead of letting the budget run out."""
+        """Start the attempt's actor and its entrypoint, in one message; None if the job is
+        shut down before the actor replies. The entrypoint starts only once that reply has
+        gone, so until it arrives the job has nothing graceful to wait for, while the start
+        may still take ``initialize_process_timeout`` (a slow ``prewarm_fnc``): the caller
+        kills the actor at once rather than waiting for it."""
         if self.record.current.shutdown_requested.is_set():
             return None
-        starting = asyncio.ensure_future(handle.start(start, self.opts.initialize_process_timeout))
+        starting = asyncio.ensure_future(
+            handle.start(start.model_copy(update={"run": True}), self.opts.initialize_process_timeout))
         await self._unless_shut_down(starting)
         return None if starting.cancelled() else starting.result()
 
@@ -296,24 +318,51 @@ class JobDriver:
             logger.warning("recovered job %s did not describe itself; pings and deadlines will judge it", record.id)
         return await self._follow_attempt(handle)
 
-    async def _death_cause(self, handle: JobActorHandle | None) -> Cause:
+    async def _death_cause(self, handle: JobActorHandle | None, attempt: Attempt | None = None) -> Cause:
         """``node_lost`` when the attempt died with its node, else ``actor_crashed``.
 
         Call it before killing ``handle``. A call to an actor on a crashed node fails at once,
         but Ray declares the node dead only once its health checks fail: Ray's verdict on the
         actor is awaited (up to ``death_verdict_timeout``). Without one (no handle, or none in
         time) the node's liveness decides. GCS queries run in threads."""
-        current = self.record.current
+        attempt = attempt or self.record.current
         if handle is not None:
             fate = await handle.fate(self.opts.death_verdict_timeout)
             if fate is not ActorFate.UNDECIDED:
                 return Cause.NODE_LOST if fate is ActorFate.DIED_WITH_NODE else Cause.ACTOR_CRASHED
-            if current.node_id is None:
-                current.node_id = await asyncio.to_thread(handle.node_id)
-        if current.node_id is None:
+            if attempt.node_id is None:
+                attempt.node_id = await asyncio.to_thread(handle.node_id)
+        if attempt.node_id is None:
             return Cause.ACTOR_CRASHED
         await self._s.cluster.refresh()  # a fresh read, in a thread (the pools follow a lost node too)
-        return Cause.ACTOR_CRASHED if current.node_id in self._s.cluster.alive_nodes else Cause.NODE_LOST
+        return Cause.ACTOR_CRASHED if attempt.node_id in self._s.cluster.alive_nodes else Cause.NODE_LOST
+
+    def _died(self, handle: JobActorHandle, error: str) -> AttemptEnd:
+        """The running attempt's actor died: its end, recorded at once as ``actor_crashed``
+        (``node_lost`` if its node is already known lost), and Ray's verdict, awaited in the
+        background, corrects it to ``node_lost`` if the node went with it."""
+        current = self.record.current
+        provisional = Cause.NODE_LOST if current.node_id in self._s.cluster.lost_nodes else Cause.ACTOR_CRASHED
+        supervised_task(self._settle_death_cause(handle, current, provisional), name=f"verdict:{self.record.id}",
+                        logger=logger, tasks=self._s.tasks)
+        return AttemptEnd(JobState.FAILED, provisional, error=error)
+
+    async def _settle_death_cause(self, handle: JobActorHandle, attempt: Attempt, provisional: Cause) -> None:
+        """Wait for Ray's verdict on a dead attempt's actor, then kill it (no restart, whatever
+        Ray would do: a kill is a verdict of its own, so it comes after); correct the recorded
+        cause if the verdict differs. The restart decision needs no correction: every
+        policy decides ``node_lost`` as it decides ``actor_crashed`` (``restart_policy``)."""
+        try:
+            final = provisional if provisional is Cause.NODE_LOST else await self._death_cause(handle, attempt)
+        finally:
+            handle.kill()
+        if final is provisional:
+            return
+        record = self.record
+        restarted = record.attempt != attempt.number
+        if self._s.table.correct_cause(record, attempt.number, final):
+            self._s.metrics.cause_corrected(state=JobState.FAILED.value, was=provisional.value, now=final.value,
+                                            restarted=restarted)
 
     async def _follow_attempt(self, handle: JobActorHandle) -> AttemptEnd:
         """From RUNNING to the attempt's end: its outcome, its death, or a supervisor kill."""
@@ -333,9 +382,7 @@ class JobDriver:
         try:
             outcome = done.result()
         except ActorGone as err:
-            cause = await self._death_cause(handle)
-            handle.kill()  # no restart, whatever Ray would do
-            return AttemptEnd(JobState.FAILED, cause, error=str(err))
+            return self._died(handle, str(err))
         current.participant_actors = list(outcome.participant_actors)
         cause = current.shutdown_trigger or outcome.cause
         state = outcome.state
@@ -344,6 +391,7 @@ class JobDriver:
         end = AttemptEnd(state, cause, outcome.reason,
                          outcome.error or (record.reason if state == JobState.FAILED else None))
         self._s.persist(record, end)  # before the kill: a successor must not take it for a crash
+        await self._snapshot_written()
         handle.kill()  # detached actors do not go away by themselves
         return end
 
@@ -430,9 +478,23 @@ class JobDriver:
         current.kill_end = end
         self._s.persist(record, end)  # before the kill: a successor must not take it for a crash
         if current.actor is not None:
-            current.actor.kill()
+            supervised_task(self._kill_once_written(current.actor), name=f"kill:{record.id}", logger=logger,
+                            tasks=self._s.tasks)
         self._s.metrics.killed(cause.value)
         current.end_by_kill(end)
+
+    async def _kill_once_written(self, actor: JobActorHandle) -> None:
+        try:
+            await self._snapshot_written()
+        finally:
+            actor.kill()
+
+    async def _snapshot_written(self) -> None:
+        """Wait (up to ``KILL_AFTER_SNAPSHOT_WAIT``) until the snapshots persisted so far are written."""
+        try:
+            await asyncio.wait_for(self._s.flush(), KILL_AFTER_SNAPSHOT_WAIT)
+        except asyncio.TimeoutError:
+            logger.warning("job %s: its snapshot is not written yet; killing its actor anyway", self.record.id)
 
     # -- what the job's actor reports -----------------------------------------------------
 

@@ -119,8 +119,11 @@ class JobTable:
         self._events: deque[Transition] = deque(maxlen=event_history)
         self._seq = itertools.count()
         self._new_event = asyncio.Event()
+        self.version = 0
+        """Counts every change of a job's state (admission caches what it derives from them)."""
 
     def add(self, record: JobRecord) -> None:
+        self.version += 1
         self._jobs[record.id] = record
         self._live[record.id] = record
         record.timestamps[record.state.value] = now()
@@ -130,6 +133,7 @@ class JobTable:
 
     def restore(self, record: JobRecord) -> None:
         """Put back a record a previous supervisor wrote (no transition is recorded)."""
+        self.version += 1
         self._jobs[record.id] = record
         if not record.is_terminal:
             self._live[record.id] = record
@@ -150,12 +154,17 @@ class JobTable:
     def live(self) -> list[JobRecord]:
         return list(self._live.values())
 
+    @property
+    def live_count(self) -> int:
+        return len(self._live)
+
     def transition(self, record: JobRecord, state: JobState, *, cause: Cause | None = None,
                    reason: str | None = None, error: str | None = None) -> None:
         """Move ``record`` to ``state``: the only place a job's state changes."""
         if state not in ALLOWED_TRANSITIONS[record.state]:
             raise IllegalTransition(f"job {record.id}: {record.state.value} -> {state.value}")
         record.state = state
+        self.version += 1
         if cause is not None:
             record.cause = cause
         if reason:
@@ -175,6 +184,27 @@ class JobTable:
                 self._jobs.pop(old_id, None)
                 self._on_evict(old_id)
         self._on_change(record)
+
+    def correct_cause(self, record: JobRecord, attempt: int, cause: Cause) -> bool:
+        """Ray's late verdict on how attempt ``attempt`` ended (``node_lost`` where it was first
+        recorded ``actor_crashed``): its history entry says so, and so does the job's own
+        cause if that attempt was its last. Recorded as an event of the same state. False if
+        the record is no longer in the table or has no such attempt."""
+        if self._jobs.get(record.id) is not record:
+            return False
+        for index, info in enumerate(record.attempts):
+            if info.attempt == attempt:
+                record.attempts[index] = info.model_copy(update={"cause": cause})
+                break
+        else:
+            return False
+        logger.info("job %s: attempt %d ended with %s, by Ray's verdict", record.id, attempt, cause.value,
+                    extra={"job_id": record.id, "room": record.spec.room, "cause": cause.value})
+        if record.is_terminal and record.attempt == attempt:  # the job's own end: watchers see it change
+            record.cause = cause
+            self._record_event(record)
+        self._on_change(record)
+        return True
 
     @staticmethod
     def _log(record: JobRecord) -> None:

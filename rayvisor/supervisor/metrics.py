@@ -34,6 +34,7 @@ class SupervisorMetrics:
             "rayvisor_jobs_ended": (ray_metrics.Counter, ("worker_id", "state", "cause")),
             "rayvisor_job_restarts": (ray_metrics.Counter, ("worker_id", "cause")),
             "rayvisor_job_kills": (ray_metrics.Counter, ("worker_id", "cause")),
+            "rayvisor_job_cause_corrections": (ray_metrics.Counter, ("worker_id", "was", "now")),
             "rayvisor_pool_prewarm_failures": (ray_metrics.Counter, ("worker_id", "agent")),
             "rayvisor_active_jobs": (ray_metrics.Gauge, ("worker_id",)),
             "rayvisor_idle_actors": (ray_metrics.Gauge, ("worker_id", "agent")),
@@ -89,6 +90,18 @@ class SupervisorMetrics:
 
     def restarted(self, cause: str) -> None:
         self._count("rayvisor_job_restarts", cause=cause)
+
+    def cause_corrected(self, *, state: str, was: str, now: str, restarted: bool) -> None:
+        """An ended attempt recorded ``was`` (at once) turned out to be ``now`` (Ray's later
+        verdict): the local counts move over; Ray's counters only count up, so they count
+        the correction (``rayvisor_job_cause_corrections``) and the end under its new cause."""
+        self._counters[_key("rayvisor_jobs_ended", {"state": state, "cause": was})] -= 1
+        if restarted:
+            self._counters[_key("rayvisor_job_restarts", {"cause": was})] -= 1
+            self._count("rayvisor_job_restarts", cause=now)
+        else:
+            self._count("rayvisor_jobs_ended", state=state, cause=now)
+        self._count("rayvisor_job_cause_corrections", was=was, now=now)
 
     def killed(self, cause: str) -> None:
         self._count("rayvisor_job_kills", cause=cause)

@@ -98,6 +98,7 @@ class Supervisor:
         driver = core.drivers.get(record.id)
         if driver is not None:  # None only if the job ended while request_fnc decided
             driver.start()
+        await core.snapshots.flush()  # the caller learns of the job once a successor would too
         return record.info()
 
     @endpoint(JobIdRequest)
@@ -172,7 +173,9 @@ class Supervisor:
         await wait_ended(live, None)
         await core.livekit.close(core.default_agent.control_call_timeout)  # last job statuses reach LiveKit first
         core.cluster.close()
+        await core.snapshots.flush()
         await asyncio.to_thread(core.store.clear)  # a stopped supervisor leaves nothing to recover
+        core.snapshots.close()
         return Ack()
 
     # -- LiveKit: one worker registration per agent, fronting the cluster -------------------
