@@ -19,15 +19,18 @@ DEADLINE = 5.0
 class FakeStore:
     """Ray's KV as the writer uses it; ``gate`` holds writes back until the test opens it."""
 
-    def __init__(self, failures: int = 0) -> None:
+    def __init__(self, failures: int = 0, held: frozenset[str] | None = None) -> None:
         self.writes: list[tuple[str, str, JobState | None]] = []
+        self.held = held
+        """Only these jobs' writes wait for ``gate`` (None: every write does)."""
         self.failures = failures
         self.gate = threading.Event()
         self.gate.set()
         self.threads: set[str] = set()
 
     def put_job(self, snapshot: JobSnapshot) -> None:
-        self.gate.wait(DEADLINE)
+        if self.held is None or snapshot.info.id in self.held:
+            self.gate.wait(DEADLINE)
         self.threads.add(threading.current_thread().name)
         if self.failures:
             self.failures -= 1
@@ -98,3 +101,25 @@ def test_a_refused_write_is_tried_again_and_a_newer_snapshot_put_meanwhile_wins(
         writer.close()
     run(scenario)
     assert store.writes == [("put", "a", JobState.RUNNING)]
+
+
+def test_flush_waits_for_what_was_put_before_it_not_for_later_writes() -> None:
+    store = FakeStore(held=frozenset({"b"}))
+
+    async def scenario() -> None:
+        writer = SnapshotWriter(store, set())
+        writer.put(snapshot("a", JobState.STARTING))
+        first = asyncio.ensure_future(writer.flush())  # waits for a's write only
+        await asyncio.sleep(0)
+        store.gate.clear()
+        writer.put(snapshot("b", JobState.STARTING))  # held until the gate opens
+        await first
+        assert store.writes == [("put", "a", JobState.STARTING)]
+        second = asyncio.ensure_future(writer.flush())  # waits for b's
+        await asyncio.sleep(0.05)
+        assert not second.done()
+        store.gate.set()
+        await second
+        writer.close()
+    run(scenario)
+    assert store.writes == [("put", "a", JobState.STARTING), ("put", "b", JobState.STARTING)]

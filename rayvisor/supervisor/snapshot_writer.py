@@ -31,6 +31,11 @@ class SnapshotWriter:
         self._tasks = tasks
         self._pending: dict[str, JobSnapshot | None] = {}
         """Job id -> its newest snapshot not yet written (None: delete it)."""
+        self._put_seq = 0
+        """How many puts and deletes so far."""
+        self._written_seq = 0
+        """Every put or delete up to this one is written."""
+        self._flushes: list[tuple[int, asyncio.Future[None]]] = []
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rayvisor-snapshots")
         self._writer: asyncio.Task[None] | None = None
 
@@ -43,18 +48,23 @@ class SnapshotWriter:
         self._wake()
 
     async def flush(self) -> None:
-        """Until everything put or deleted so far is written."""
-        while self._writer is not None and not self._writer.done():
-            await asyncio.shield(self._writer)
+        """Until everything put or deleted so far is written (not what comes after: a
+        caller in a burst waits for its own write, not for the whole burst's)."""
+        if self._written_seq >= self._put_seq:
+            return
+        written: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._flushes.append((self._put_seq, written))
+        await asyncio.shield(written)
 
     def _wake(self) -> None:
+        self._put_seq += 1
         if self._writer is None or self._writer.done():
             self._writer = supervised_task(self._write_pending(), name="snapshots", logger=logger, tasks=self._tasks)
 
     async def _write_pending(self) -> None:
         loop = asyncio.get_running_loop()
         while self._pending:
-            batch, self._pending = self._pending, {}
+            batch, self._pending, batch_seq = self._pending, {}, self._put_seq
             try:
                 await loop.run_in_executor(self._thread, self._write, batch)
             except Exception as err:
@@ -62,6 +72,20 @@ class SnapshotWriter:
                 for job_id, snapshot in batch.items():  # newer ones put meanwhile win
                     self._pending.setdefault(job_id, snapshot)
                 await asyncio.sleep(RETRY_DELAY)
+            else:
+                self._written(batch_seq)
+
+    def _written(self, seq: int) -> None:
+        """Everything up to ``seq`` is written: release the flushes waiting for no more."""
+        self._written_seq = seq
+        waiting = []
+        for target, written in self._flushes:
+            if target <= seq:
+                if not written.done():
+                    written.set_result(None)
+            else:
+                waiting.append((target, written))
+        self._flushes = waiting
 
     def _write(self, batch: dict[str, JobSnapshot | None]) -> None:
         written: list[str] = []
