@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from rayvisor.supervisor.start_slots import StartSlots
+from rayvisor.supervisor.start_slots import REFILL_PATIENCE, StartSlots
 
 DEADLINE = 5.0
 """Seconds any one scenario may take (they take milliseconds)."""
@@ -47,4 +47,36 @@ def test_a_freed_slot_goes_to_a_waiting_job_not_to_the_pool_while_jobs_start() -
             await asyncio.sleep(0.01)
             assert not refill.done(), "a job is still starting"
         await refill
+    run(scenario)
+
+
+def test_a_refill_waits_until_no_job_has_started_for_the_refill_delay() -> None:
+    async def scenario() -> None:
+        slots = StartSlots(lambda: 4, refill_delay=lambda: 0.2)
+        with slots.job_starting():
+            pass  # a job started just now
+        ended = asyncio.get_running_loop().time()
+        async with slots.for_pool():
+            waited = asyncio.get_running_loop().time() - ended
+        assert waited >= 0.19, waited
+    run(scenario)
+
+
+def test_under_a_steady_stream_of_starts_a_refill_still_goes_after_its_patience() -> None:
+    async def scenario() -> None:
+        slots = StartSlots(lambda: 4, refill_delay=lambda: 0.1)
+
+        async def steady_starts() -> None:  # one start every 20 ms: never 0.1 s quiet
+            while True:
+                with slots.job_starting():
+                    await asyncio.sleep(0.01)
+                await asyncio.sleep(0.01)
+
+        starts = asyncio.ensure_future(steady_starts())
+        await asyncio.sleep(0.015)  # the stream is under way
+        began = asyncio.get_running_loop().time()
+        async with slots.for_pool():
+            waited = asyncio.get_running_loop().time() - began
+        starts.cancel()
+        assert 0.1 * REFILL_PATIENCE - 0.05 <= waited < 0.1 * REFILL_PATIENCE + 0.5, waited
     run(scenario)

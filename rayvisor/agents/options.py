@@ -214,6 +214,11 @@ class WorkerOptions:
     STARTING, and their ``initialize_process_timeout`` begins with their turn; jobs go before
     warm-pool refills. 0: the cluster's CPU count, re-read every ``cluster_view_interval`` (a
     start is a fresh interpreter: CPU-bound). Jobs of an ``allow_pending`` agent do not wait for a slot."""
+    pool_refill_delay: float = 0.25
+    """Seconds without a job start before warm pools refill (a supervisor-wide setting):
+    a refill starts an interpreter, CPU-bound, and would slow the burst it refills after,
+    even one of jobs submitted one by one. Under a steady stream of starts a refill waits at
+    most 4 times this. 0: refill as soon as no job is starting."""
     job_resources: dict[str, float] = field(default_factory=dict)
     """Ray resources each job actor asks for (e.g. ``{"GPU": 1}`` or a custom resource);
     without ``"CPU"`` here, job actors reserve no CPU (``num_cpus=0``)."""
@@ -286,6 +291,8 @@ class WorkerOptions:
                 raise InvalidAgent(f"{name} must be a positive number of seconds, got {value!r}")
         if self.token_ttl > MAX_TOKEN_TTL:
             raise InvalidAgent(f"token_ttl must be at most {MAX_TOKEN_TTL:g} s (a year), got {self.token_ttl!r}")
+        if not _finite_number(self.pool_refill_delay) or self.pool_refill_delay < 0:
+            raise InvalidAgent(f"pool_refill_delay must be a non-negative number of seconds, got {self.pool_refill_delay!r}")
         if not isinstance(self.max_concurrent_starts, int) or self.max_concurrent_starts < 0:
             raise InvalidAgent(f"max_concurrent_starts must be a non-negative integer, got {self.max_concurrent_starts!r}")
         for name in ("max_metadata_bytes", "finished_job_history", "event_history"):

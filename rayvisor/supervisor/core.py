@@ -77,7 +77,8 @@ class SupervisorCore:
         self.admission = Admission(settings=self.settings, table=self.table, cluster=self.cluster,
                                    metrics=self.metrics, agent_options=self.options_of,
                                    idle_actors=lambda: self.pools.idle)
-        self.start_slots = StartSlots(lambda: self.settings.max_concurrent_starts or self.cluster.cpu_count)
+        self.start_slots = StartSlots(lambda: self.settings.max_concurrent_starts or self.cluster.cpu_count,
+                                      refill_delay=lambda: self.settings.pool_refill_delay)
         self.pools = WarmPools(demand=self.admission.demand, totals=lambda: self.cluster.totals,
                                lost_nodes=lambda: self.cluster.lost_nodes, max_jobs=lambda: self.settings.max_jobs,
                                metrics=self.metrics, start_slots=self.start_slots)

@@ -31,6 +31,7 @@ class SupervisorSettings:
     load_threshold: float = 0.75
     load_timeout: float = 1.0
     max_concurrent_starts: int = 0
+    pool_refill_delay: float = 0.25
     max_metadata_bytes: int = 64 * 1024
     finished_job_history: int = 10_000
     event_history: int = 10_000

@@ -5,7 +5,9 @@ start slowly and miss ``initialize_process_timeout`` together; a few at a time e
 quickly. Jobs waiting for a slot stay STARTING and their timeout starts with their turn.
 Jobs go first, in arrival order: the warm pool gets a slot only when no job waits, and no
 job is starting at all (warm starts take no slot, yet a refill spawning interpreters
-beside them would slow down the very burst it refills after).
+beside them would slow down the very burst it refills after), and none has started for
+``pool_refill_delay`` seconds: jobs submitted one after another are a burst too. Under a
+steady stream of starts a refill waits at most ``REFILL_PATIENCE`` times that delay.
 
 Slots are handed over, never raced for: ``release`` gives the freed slot straight to the
 next waiter, so a waiter that is cancelled just after being handed one gives it back.
@@ -14,17 +16,26 @@ next waiter, so a waiter that is cancelled just after being handed one gives it 
 from __future__ import annotations
 
 import asyncio
+import math
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, contextmanager
 from collections.abc import Iterator
 
 
+REFILL_PATIENCE = 4
+"""A refill waits for a quiet moment at most this many ``pool_refill_delay``s."""
+
+
 class StartSlots:
-    def __init__(self, limit: Callable[[], int]) -> None:
+    def __init__(self, limit: Callable[[], int], refill_delay: Callable[[], float] = lambda: 0.0) -> None:
         self._limit = limit
+        self._refill_delay = refill_delay
         self._in_use = 0
         self._jobs_starting = 0
+        self._last_start = -math.inf
+        """When (monotonic) the last job start ended."""
         self._jobs: deque[asyncio.Future[None]] = deque()
         self._pool: deque[asyncio.Future[None]] = deque()
 
@@ -36,6 +47,7 @@ class StartSlots:
             yield
         finally:
             self._jobs_starting -= 1
+            self._last_start = time.monotonic()
             if self._jobs_starting == 0:
                 self._hand_out()
 
@@ -87,9 +99,21 @@ class StartSlots:
 
     @asynccontextmanager
     async def for_pool(self) -> AsyncIterator[None]:
-        """Hold a slot while the warm pool starts an idle actor."""
+        """Hold a slot while the warm pool starts an idle actor (after a quiet moment)."""
+        await self._quiet_moment()
         await self.acquire(job=False)
         try:
             yield
         finally:
             self.release()
+
+    async def _quiet_moment(self) -> None:
+        """Until no job is starting and none has for ``pool_refill_delay`` seconds, or until
+        ``REFILL_PATIENCE`` delays have passed."""
+        delay = self._refill_delay()
+        give_up = time.monotonic() + REFILL_PATIENCE * delay
+        while (now := time.monotonic()) < give_up:
+            quiet_at = now + delay if self._jobs_starting else self._last_start + delay
+            if quiet_at <= now:
+                return
+            await asyncio.sleep(min(quiet_at, give_up) - now)
