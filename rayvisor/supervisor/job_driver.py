@@ -33,7 +33,7 @@ from ..messages import (
 )
 from .attempt import Attempt, AttemptEnd
 from .job_handle import ActorFate, ActorGone, JobActorHandle, StartError
-from .job_table import JobRecord, JobTable
+from .job_table import JobRecord, JobTable, wait_ended
 from .metrics import SupervisorMetrics
 from .restart_policy import ABNORMAL_ENDS, EndedAttempt, restart_decision
 from .start_slots import StartSlots
@@ -232,7 +232,8 @@ class JobDriver:
         """The warm-pool actor the job took: at once if it was ready, else when its prewarm
         ends. None if that prewarm failed, or if the job is shut down first (the actor then
         goes back to its pool)."""
-        await self._unless_shut_down(claim)
+        if not claim.done():
+            await self._unless_shut_down(claim)
         return None if claim.cancelled() else claim.result()
 
     async def _unless_shut_down(self, step: asyncio.Future[Any]) -> None:
@@ -570,15 +571,3 @@ class JobDrivers:
         await wait_ended(records, timeout)
         for record in self.services.table.live():
             self.begin_shutdown(record, Cause.DRAINED, f"drain deadline ({timeout}s) reached")
-
-
-async def wait_ended(records: list[JobRecord], timeout: float | None) -> bool:
-    """Wait until every record has ended, up to ``timeout`` seconds (None: no limit);
-    whether they all did."""
-    waits = [asyncio.ensure_future(r.finished.wait()) for r in records if not r.is_terminal]
-    if not waits:
-        return True
-    _done, pending = await asyncio.wait(waits, timeout=timeout)
-    for future in pending:
-        future.cancel()
-    return not pending

@@ -237,3 +237,15 @@ class JobTable:
                 return []
             events = [e for e in self._events if e.seq > seq]
         return events[: self.MAX_EVENTS_PER_REPLY]
+
+
+async def wait_ended(records: list[JobRecord], timeout: float | None) -> bool:
+    """Wait until every record has ended, up to ``timeout`` seconds (None: no limit);
+    whether they all did."""
+    waits = [asyncio.ensure_future(r.finished.wait()) for r in records if not r.is_terminal]
+    if not waits:
+        return True
+    _done, pending = await asyncio.wait(waits, timeout=timeout)
+    for future in pending:
+        future.cancel()
+    return not pending

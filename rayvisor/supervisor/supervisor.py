@@ -6,6 +6,11 @@ served it. Every method here is an endpoint that speaks typed msgpack records (t
 a ``JobDriver`` per job (its attempts, deadlines and restarts), ``Recovery`` (taking jobs
 back after Ray restarted this actor), ``LiveKitDispatch`` (LiveKit's dispatches) and the
 warm pools. No other method exists, so nothing else can be called remotely.
+
+This module stays light to import: every process that receives a handle to the supervisor
+(each job actor does) imports it, as Ray loads an actor's class to rebuild its handle.
+``SupervisorCore`` and everything it needs (the LiveKit bridge, aiohttp, livekit.api ...)
+load in ``__init__``, in the supervisor's own process only.
 """
 
 from __future__ import annotations
@@ -45,8 +50,7 @@ from ..messages import (
     encode,
     endpoint,
 )
-from .core import SupervisorCore
-from .job_driver import wait_ended
+from .job_table import wait_ended
 from .settings import SupervisorSettings
 
 main_thread_registries.install_in_ray_workers()  # agents' livekit plugins load on actor threads
@@ -63,6 +67,8 @@ class Supervisor:
     def __init__(self, opts: WorkerOptions, namespace: str, log_format: str = "json",
                  settings: SupervisorSettings | None = None) -> None:
         configure_logging("start" if log_format == "json" else "dev")
+        from .core import SupervisorCore  # see the module docstring
+
         self._core = SupervisorCore(opts, namespace=namespace, log_format=log_format, settings=settings)
         self._drained_from: list[str] = []
 
