@@ -218,7 +218,7 @@ class WorkerOptions:
     """Seconds without a job start before warm pools refill (a supervisor-wide setting):
     a refill starts an interpreter, CPU-bound, and would slow the burst it refills after,
     even one of jobs submitted one by one. Under a steady stream of starts a refill waits at
-    most 4 times this. 0: refill as soon as no job is starting."""
+    most 4 times this."""
     job_resources: dict[str, float] = field(default_factory=dict)
     """Ray resources each job actor asks for (e.g. ``{"GPU": 1}`` or a custom resource);
     without ``"CPU"`` here, job actors reserve no CPU (``num_cpus=0``)."""
@@ -285,14 +285,13 @@ class WorkerOptions:
                      "memory_warn_interval", "pool_rate_window", "pool_backoff_initial", "pool_backoff_max",
                      "token_ttl", "room_connect_timeout", "worker_status_interval", "assignment_timeout",
                      "reconnect_initial_delay", "reconnect_max_delay", "worker_heartbeat_interval",
-                     "failover_outcome_grace", "death_verdict_timeout", "cluster_view_interval"):
+                     "failover_outcome_grace", "death_verdict_timeout", "cluster_view_interval",
+                     "pool_refill_delay"):
             value = getattr(self, name)
             if not _finite_number(value) or value <= 0:
                 raise InvalidAgent(f"{name} must be a positive number of seconds, got {value!r}")
         if self.token_ttl > MAX_TOKEN_TTL:
             raise InvalidAgent(f"token_ttl must be at most {MAX_TOKEN_TTL:g} s (a year), got {self.token_ttl!r}")
-        if not _finite_number(self.pool_refill_delay) or self.pool_refill_delay < 0:
-            raise InvalidAgent(f"pool_refill_delay must be a non-negative number of seconds, got {self.pool_refill_delay!r}")
         if not isinstance(self.max_concurrent_starts, int) or self.max_concurrent_starts < 0:
             raise InvalidAgent(f"max_concurrent_starts must be a non-negative integer, got {self.max_concurrent_starts!r}")
         for name in ("max_metadata_bytes", "finished_job_history", "event_history"):
