@@ -14,6 +14,7 @@ import asyncio
 import logging
 import multiprocessing as mp
 import os
+import platform
 import sys
 import time
 import uuid
@@ -32,10 +33,8 @@ from livekit.agents.job import JobAcceptArguments, RunningJobInfo  # noqa: E402
 from livekit.protocol import agent, models  # noqa: E402
 
 import anchor_agents  # noqa: E402
-from common import MEMORY_SETTLE_SECONDS, BEHAVIOURS, MARKS_ENV, SHUTDOWN_BUDGET, SHUTDOWN_CAP, DENSITY_BUDGET_MIB, Marks, memory_mib, size_arguments, summary, wait_gone, write_json  # noqa: E402
+from common import DEFAULT_POOL, MEMORY_SETTLE_SECONDS, BEHAVIOURS, MARKS_ENV, SHUTDOWN_BUDGET, SHUTDOWN_CAP, Marks, density_figures, memory_mib, size_arguments, summary, wait_gone, write_json  # noqa: E402
 
-DEFAULT_IDLE = min(os.cpu_count() or 1, 4)
-"""livekit-agents' production default for ``num_idle_processes`` (cores, at most 4)."""
 START_TIMEOUT = 60.0
 
 
@@ -89,7 +88,7 @@ class Anchor:
             await self.close_jobs(pool, [info.job.id])
         return latencies
 
-    async def burst(self, pool: ProcPool, size: int, idle: int = DEFAULT_IDLE) -> tuple[list[float], float]:
+    async def burst(self, pool: ProcPool, size: int, idle: int = DEFAULT_POOL) -> tuple[list[float], float]:
         await self.wait_idle(pool, idle)
         infos = [job_info("idle") for _ in range(size)]
         began = time.time()
@@ -100,7 +99,7 @@ class Anchor:
         return latencies, max(latencies)
 
     async def shutdown_times(self, behaviour: str, count: int) -> list[float | None]:
-        pool = await self.pool(DEFAULT_IDLE)
+        pool = await self.pool(DEFAULT_POOL)
         infos = [job_info(behaviour) for _ in range(count)]
         await asyncio.gather(*(pool.launch_job(i) for i in infos))
         found = await asyncio.to_thread(self.marks.wait, [(i.job.id, "start") for i in infos], START_TIMEOUT)
@@ -162,14 +161,6 @@ class Anchor:
                         pass
 
 
-def density_figures(memory: list[tuple[float, float]]) -> dict[str, Any]:
-    pss = sorted(m[0] for m in memory)
-    rss = sorted(m[1] for m in memory)
-    median_pss = pss[len(pss) // 2]
-    return {"pss_mib": summary(pss, "MiB"), "rss_mib": summary(rss, "MiB"),
-            "jobs_in_8_gib": int(DENSITY_BUDGET_MIB // median_pss)}
-
-
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     marks = Marks(Path(os.environ[MARKS_ENV]))
     anchor = Anchor(marks)
@@ -183,14 +174,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     figures["cold_start"] = summary(await anchor.start_latencies(pool, args.runs, warm=False))
     await anchor._close_pool(pool)
 
-    pool = await anchor.pool(DEFAULT_IDLE)
+    pool = await anchor.pool(DEFAULT_POOL)  # livekit-agents' default, and the pool of every side for this row
     latencies, all_running = [], []
     for _ in range(args.bursts):
         burst, last = await anchor.burst(pool, args.burst_size)
         latencies += burst
         all_running.append(last)
     figures["burst"] = {"start": summary(latencies), "all_running": summary(all_running),
-                        "size": args.burst_size, "idle": DEFAULT_IDLE}
+                        "size": args.burst_size, "idle": DEFAULT_POOL}
     figures["crash_detection"] = summary(await anchor.crash_detection(pool, args.runs))
     await anchor._close_pool(pool)
 
@@ -202,7 +193,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     figures["submissions_per_second"] = await anchor.submissions_per_second(pool, args.burst_size)
     await anchor._close_pool(pool)
 
-    pool = await anchor.pool(DEFAULT_IDLE)
+    pool = await anchor.pool(DEFAULT_POOL)
     figures["density"] = await anchor.density(pool, args.density_jobs)
     await anchor._close_pool(pool)
 
@@ -219,7 +210,9 @@ def main() -> None:
     figures = asyncio.run(run(args))
     import livekit.agents
 
-    write_json(args.out, {"system": f"livekit-agents {livekit.agents.__version__}", "figures": figures})
+    write_json(args.out, {"system": f"livekit-agents {livekit.agents.__version__}", "figures": figures,
+                          "versions": {"livekit_agents": livekit.agents.__version__,
+                                       "livekit_agents_python": platform.python_version()}})
 
 
 if __name__ == "__main__":

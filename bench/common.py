@@ -1,9 +1,10 @@
-"""What both benchmark sides share: job behaviours' marks, process measurements, statistics.
+"""What the benchmark's sides share: job behaviours, marks, process measurements, statistics.
 
-Imported by ``rayvisor_side.py`` (the project's environment) and ``anchor_side.py`` (the
-LiveKit Agents virtual environment), so it needs nothing but the standard library and
-psutil. Jobs of both systems report when their entrypoint started (and when they are about
-to crash) by appending a line to a marks file: one clock (``time.time()``) on one machine.
+Imported by ``rayvisor_side.py`` and ``ray_floor_side.py`` (the project's environment) and
+``anchor_side.py`` (the LiveKit Agents virtual environment), so it needs nothing but the
+standard library and psutil. Jobs of every side report when their entrypoint started (and
+when they are about to crash) by appending a line to a marks file: one clock
+(``time.time()``) on one machine.
 """
 
 from __future__ import annotations
@@ -24,6 +25,11 @@ MARKS_ENV = "RAYVISOR_BENCH_MARKS"
 
 BEHAVIOURS = ("cooperative", "ignores_cancellation", "swallows_cancellation", "blocks_loop", "callback_hangs")
 """The shutdown figure's job kinds (what the metadata of a job says it does at shutdown)."""
+
+DEFAULT_POOL = min(os.cpu_count() or 1, 4)
+"""LiveKit Agents' default ``num_idle_processes`` (cores, at most 4): the pool every side
+uses for the "burst of 20" row (rayvisor's own default is adaptive, 1 to 4), so that row
+compares like with like."""
 
 SHUTDOWN_BUDGET = 2.0
 SHUTDOWN_CAP = 20.0
@@ -104,6 +110,14 @@ def memory_mib(pid: int) -> tuple[float, float]:
     return info.pss / 2**20, info.rss / 2**20
 
 
+def density_figures(memory: list[tuple[float, float]]) -> dict[str, Any]:
+    """The memory rows from each idle job's (PSS, RSS): medians, and jobs per 8 GiB by PSS."""
+    pss = sorted(m[0] for m in memory)
+    rss = sorted(m[1] for m in memory)
+    return {"pss_mib": summary(pss, "MiB"), "rss_mib": summary(rss, "MiB"),
+            "jobs_in_8_gib": int(DENSITY_BUDGET_MIB // pss[len(pss) // 2])}
+
+
 def summary(values: list[float | None], unit: str = "s") -> dict[str, Any]:
     """Median and p95 (nearest rank) of the measured values; censored (None) ones count as
     larger than any measured one, so a job that never ended raises the p95, not hides it."""
@@ -135,7 +149,8 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
 
 async def run_behaviour(ctx: Any) -> None:
     """What a benchmark job does, by ``ctx.job.metadata``. Both systems' ``JobContext`` offer
-    the same ``job`` and ``add_shutdown_callback``, so one function serves both sides."""
+    the same ``job`` and ``add_shutdown_callback`` (the floor's job actor passes a stand-in
+    with the two), so one function serves every side."""
     import asyncio
 
     behaviour = ctx.job.metadata
@@ -157,7 +172,18 @@ async def run_behaviour(ctx: Any) -> None:
         ctx.add_shutdown_callback(hang)
         return
     if behaviour == "ignores_cancellation":
-        await asyncio.sleep(3600)  # keeps working through the shutdown request until it is cancelled
+        # Work that must not be interrupted: it runs shielded, and a cancelled entrypoint
+        # keeps waiting for it (then re-raises). Unlike swallows_cancellation, the
+        # cancellation is honoured, but only once the work is done, an hour from now.
+        work = asyncio.ensure_future(asyncio.sleep(3600))
+        cancelled = False
+        while not work.done():
+            try:
+                await asyncio.shield(work)
+            except asyncio.CancelledError:
+                cancelled = True
+        if cancelled:
+            raise asyncio.CancelledError
     if behaviour == "swallows_cancellation":
         while True:
             try:
@@ -170,7 +196,7 @@ async def run_behaviour(ctx: Any) -> None:
 
 
 def size_arguments(parser: Any) -> None:
-    """The sizes both sides take (``run.py`` passes the same values to both)."""
+    """The sizes every side takes (``run.py`` passes the same values to all three)."""
     parser.add_argument("--out", required=True)
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--bursts", type=int, default=3)

@@ -9,28 +9,19 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a throw-away local Ray, gone when the bench ends
+from ray_side import START_TIMEOUT, local_ray  # before ray: it sets the environment Ray reads
 
-import ray  # noqa: E402
-from ray import cloudpickle  # noqa: E402
+import ray
 
-import common  # noqa: E402
-import rayvisor  # noqa: E402
-import rayvisor_agents  # noqa: E402
-from common import MEMORY_SETTLE_SECONDS, BEHAVIOURS, MARKS_ENV, SHUTDOWN_BUDGET, SHUTDOWN_CAP, DENSITY_BUDGET_MIB, Marks, memory_mib, size_arguments, summary, wait_gone, write_json  # noqa: E402
-from rayvisor import JobSpec, JobState  # noqa: E402
-
-cloudpickle.register_pickle_by_value(common)  # job actors do not have bench/ on their path
-START_TIMEOUT = 60.0
-DEFAULTS = rayvisor.WorkerOptions(entrypoint_fnc=rayvisor_agents.entrypoint)
+import rayvisor
+import rayvisor_agents
+from common import DEFAULT_POOL, MEMORY_SETTLE_SECONDS, BEHAVIOURS, MARKS_ENV, SHUTDOWN_BUDGET, SHUTDOWN_CAP, Marks, density_figures, memory_mib, size_arguments, summary, wait_gone, write_json
+from rayvisor import JobSpec, JobState
 
 
 class Rayvisor:
@@ -75,7 +66,7 @@ class Rayvisor:
             self.close_jobs(client, [job_id])
         return latencies
 
-    def burst(self, client: rayvisor.Client, size: int, idle: int = DEFAULTS.num_idle_actors) -> tuple[list[float], float]:
+    def burst(self, client: rayvisor.Client, size: int, idle: int) -> tuple[list[float], float]:
         self.wait_idle(client, idle)
         ids: list[str] = []
         began = time.time()
@@ -119,11 +110,7 @@ class Rayvisor:
         found = self.marks.wait([(j, "start") for j in ids], START_TIMEOUT)
         time.sleep(MEMORY_SETTLE_SECONDS)  # measured once the processes are idle
         memory = [memory_mib(found[(j, "start")][1]) for j in ids]
-        pss = sorted(m[0] for m in memory)
-        rss = sorted(m[1] for m in memory)
-        figures = {"pss_mib": summary(pss, "MiB"), "rss_mib": summary(rss, "MiB"),
-                   "jobs_in_8_gib": int(DENSITY_BUDGET_MIB // pss[len(pss) // 2])}
-        return figures, ids
+        return density_figures(memory), ids
 
     def status_queries_per_second(self, client: rayvisor.Client, job_ids: list[str], seconds: float) -> float:
         done, deadline = 0, time.monotonic() + seconds
@@ -146,8 +133,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     marks = Marks(Path(os.environ[MARKS_ENV]))
     bench = Rayvisor(marks)
     figures: dict[str, Any] = {}
-    ray.init(include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-    try:
+    with local_ray():
         client = bench.serve(num_idle_actors=1, max_idle_actors=1)
         figures["warm_start"] = summary(bench.start_latencies(client, args.runs, warm=True))
         client.stop()
@@ -156,14 +142,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         figures["cold_start"] = summary(bench.start_latencies(client, args.runs, warm=False))
         client.stop()
 
-        client = bench.serve()  # the default pool
+        # LiveKit Agents' default pool, fixed as theirs is (rayvisor's own default adapts from 1 to 4)
+        client = bench.serve(num_idle_actors=DEFAULT_POOL, max_idle_actors=DEFAULT_POOL)
         latencies, all_running = [], []
         for _ in range(args.bursts):
-            burst, last = bench.burst(client, args.burst_size)
+            burst, last = bench.burst(client, args.burst_size, idle=DEFAULT_POOL)
             latencies += burst
             all_running.append(last)
         figures["burst"] = {"start": summary(latencies), "all_running": summary(all_running),
-                            "size": args.burst_size, "idle": f"{DEFAULTS.num_idle_actors}-{DEFAULTS.max_idle_actors}"}
+                            "size": args.burst_size, "idle": DEFAULT_POOL}
         figures["crash_detection"] = summary(bench.crash_detection(client, args.runs))
         client.stop()
 
@@ -185,8 +172,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         client.stop()
 
         figures["shutdown"] = {b: summary(bench.shutdown_times(b, args.shutdown_jobs)) for b in BEHAVIOURS}
-    finally:
-        ray.shutdown()
     return figures
 
 
@@ -197,7 +182,8 @@ def main() -> None:
     parser.add_argument("--query-seconds", type=float, default=3.0)
     args = parser.parse_args()
     figures = run(args)
-    write_json(args.out, {"system": f"rayvisor {rayvisor.__version__} (ray {ray.__version__})", "figures": figures})
+    write_json(args.out, {"system": f"rayvisor {rayvisor.__version__} (ray {ray.__version__})", "figures": figures,
+                          "versions": {"rayvisor": rayvisor.__version__, "ray": ray.__version__}})
 
 
 if __name__ == "__main__":

@@ -96,3 +96,24 @@ def test_a_clean_tree_and_an_unknown_commit_are_said_so() -> None:
     assert "`fedcba9876543210fedcba9876543210fedcba98` (clean tree)" in report.render(data)
     data["git"] = {"commit": None, "dirty": None}
     assert "unknown (not run from a git checkout)" in report.render(data)
+
+
+def test_each_missed_target_says_what_bounds_it_and_a_met_one_does_not() -> None:
+    data = results()
+    ours, anchor, floor = data["rayvisor"]["figures"], data["livekit_agents"]["figures"], data["ray_floor"]["figures"]
+    ours["cold_start"] = floor["cold_start"]  # met: 1.0 x the floor
+    data["comparison"] = run.compare(ours, anchor, floor)
+    page = report.render(data)
+    section = page.split("## Missed targets: what bounds them", 1)[1].split("\n## ", 1)[0]
+    bounded = [line.split(":**", 1)[0].removeprefix("- **") for line in section.splitlines() if line.startswith("- **")]
+    # cold start (1.0 x floor) and the sized burst (1.33 x floor) meet theirs
+    assert bounded == ["warm start p50", "crash detection p50", "idle job PSS (median)",
+                       "submissions/s to running (20 idle)"]
+    assert "takes 6.0 ms here, 1.50 × LiveKit Agents" in section  # the run's floor, not a fixed number
+
+
+def test_a_run_that_meets_every_target_has_no_bounds_section() -> None:
+    data = results()
+    anchor = data["livekit_agents"]["figures"]
+    data["comparison"] = run.compare(anchor, anchor, anchor)
+    assert "what bounds them" not in report.render(data)
