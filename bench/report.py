@@ -199,7 +199,7 @@ BOUNDS: dict[str, str] = {
         "Each submit returns once its job's snapshot is in Ray's KV: a successor supervisor must know "
         "every job a caller knows. That is a GCS write per job on top of the floor's two hops. The "
         "floor itself reaches {floor}, {floor_over_lka} × LiveKit Agents (whose `launch_job` is an "
-        "in-process call). Fixed in issue 17: from ~27/s to ~110/s. Each caller now waits for its own "
+        "in-process call). Fixed in issue 17: from ~27/s to ~100/s. Each caller now waits for its own "
         "snapshot only, and the pool no longer refills between submits."),
 }
 """What bounds each target row, for the page to say where the target is missed (issue 17:
