@@ -315,6 +315,7 @@ def test_a_restarted_jobs_crashed_attempt_is_corrected_in_its_history_and_the_re
         assert (record.state, record.cause, record.attempt) == (JobState.RUNNING, None, 2)
         assert h.metrics.counter("rayvisor_job_restarts", cause="actor_crashed") == 0
         assert h.metrics.counter("rayvisor_job_restarts", cause="node_lost") == 1
+        assert h.metrics.counter("rayvisor_jobs_ended", state="FAILED", cause="actor_crashed") == 0  # it never ended
     scenario(run)
 
 

@@ -95,11 +95,11 @@ class SupervisorMetrics:
         """An ended attempt recorded ``was`` (at once) turned out to be ``now`` (Ray's later
         verdict): the local counts move over; Ray's counters only count up, so they count
         the correction (``rayvisor_job_cause_corrections``) and the end under its new cause."""
-        self._counters[_key("rayvisor_jobs_ended", {"state": state, "cause": was})] -= 1
-        if restarted:
+        if restarted:  # the attempt was counted as a restart, not as the job's end
             self._counters[_key("rayvisor_job_restarts", {"cause": was})] -= 1
             self._count("rayvisor_job_restarts", cause=now)
         else:
+            self._counters[_key("rayvisor_jobs_ended", {"state": state, "cause": was})] -= 1
             self._count("rayvisor_jobs_ended", state=state, cause=now)
         self._count("rayvisor_job_cause_corrections", was=was, now=now)
 
