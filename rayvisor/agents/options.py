@@ -131,9 +131,12 @@ class WorkerOptions:
     (its shutdown finished in time) before it is killed with ``shutdown_timeout``."""
     death_verdict_timeout: float = 30.0
     """A job actor's calls fail at once when its node crashes, but Ray declares the node dead
-    only once its health checks fail (about 15 s with Ray's defaults). The supervisor waits
-    this long (seconds) for Ray's verdict before recording ``actor_crashed`` instead of
-    ``node_lost``; a crash on a live node is decided in milliseconds."""
+    only once its health checks fail (about 15 s with Ray's defaults). The job is recorded
+    ``actor_crashed`` at once; the supervisor waits this long (seconds) for Ray's verdict and
+    corrects it to ``node_lost`` if the node died with the actor."""
+    snapshot_before_kill_timeout: float = 0.1
+    """Seconds a kill waits for the job's snapshot that tells a successor supervisor why the
+    job ended (then it kills anyway: the shutdown bound comes first)."""
     end_when: EndWhen = EndWhen.ROOM_EMPTY
     """Which room condition ends a job on its own (see ``EndWhen``)."""
 
@@ -286,7 +289,7 @@ class WorkerOptions:
                      "token_ttl", "room_connect_timeout", "worker_status_interval", "assignment_timeout",
                      "reconnect_initial_delay", "reconnect_max_delay", "worker_heartbeat_interval",
                      "failover_outcome_grace", "death_verdict_timeout", "cluster_view_interval",
-                     "pool_refill_delay"):
+                     "pool_refill_delay", "snapshot_before_kill_timeout"):
             value = getattr(self, name)
             if not _finite_number(value) or value <= 0:
                 raise InvalidAgent(f"{name} must be a positive number of seconds, got {value!r}")

@@ -41,9 +41,6 @@ from .start_slots import StartSlots
 logger = logging.getLogger("rayvisor.supervisor")
 
 LIVE_BEFORE_SHUTDOWN = (JobState.PENDING, JobState.STARTING, JobState.RUNNING)
-KILL_AFTER_SNAPSHOT_WAIT = 0.1
-"""Seconds a kill waits for the snapshot that tells a successor why (then it kills anyway:
-the shutdown bound comes first)."""
 PING_JITTER = 0.1
 """Pings are spread by +-10% of ``ping_interval`` so many jobs do not ping in lockstep."""
 
@@ -491,9 +488,9 @@ class JobDriver:
             actor.kill()
 
     async def _snapshot_written(self) -> None:
-        """Wait (up to ``KILL_AFTER_SNAPSHOT_WAIT``) until the snapshots persisted so far are written."""
+        """Wait (up to ``snapshot_before_kill_timeout``) until the snapshots persisted so far are written."""
         try:
-            await asyncio.wait_for(self._s.flush(), KILL_AFTER_SNAPSHOT_WAIT)
+            await asyncio.wait_for(self._s.flush(), self.opts.snapshot_before_kill_timeout)
         except asyncio.TimeoutError:
             logger.warning("job %s: its snapshot is not written yet; killing its actor anyway", self.record.id)
 
