@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -17,10 +17,10 @@ from rayvisor.errors import AtCapacity, Draining, DuplicateJob, JobRejected, Met
 from rayvisor.messages import JobSpec
 from rayvisor.supervisor.admission import Admission
 from rayvisor.supervisor.job_table import JobTable
+from bounded import SCENARIO_DEADLINE, run_bounded
 from supervisor_fakes import FakeCluster, LocalMetrics
 
-DEADLINE = 5.0
-"""Seconds any one scenario may take (they take milliseconds)."""
+DEADLINE = SCENARIO_DEADLINE
 
 
 async def agent(ctx: Any) -> None:
@@ -39,13 +39,6 @@ def admission(settings: SupervisorSettings | None = None, cluster: FakeCluster |
                      idle_actors=lambda: 0)
 
 
-def run(test: Callable[[], Awaitable[Any]]) -> Any:
-    async def bounded() -> Any:
-        async with asyncio.timeout(DEADLINE):
-            return await test()
-    return asyncio.run(bounded())
-
-
 def live(gate: Admission) -> int:
     return len(gate._table.live())
 
@@ -58,7 +51,7 @@ def test_max_jobs_is_the_limit_and_a_refused_job_leaves_no_record() -> None:
         await gate.reserve(JobSpec(room="b"), options())
         with pytest.raises(AtCapacity, match="max_jobs=2"):
             await gate.reserve(JobSpec(room="c"), options())
-    run(scenario)
+    run_bounded(scenario)
     assert live(gate) == 2
     assert gate._metrics.counter("rayvisor_jobs_rejected", reason="at_capacity") == 1
 
@@ -76,7 +69,7 @@ def test_a_reservation_counts_at_once_so_concurrent_admissions_cannot_share_the_
     async def scenario() -> list[Any]:
         return await asyncio.gather(gate.reserve(JobSpec(room="a"), options()),
                                     gate.reserve(JobSpec(room="b"), options()), return_exceptions=True)
-    outcomes = run(scenario)
+    outcomes = run_bounded(scenario)
     assert sorted(type(o).__name__ for o in outcomes) == ["AtCapacity", "JobRecord"]
     assert live(gate) == 1
 
@@ -88,7 +81,7 @@ def test_a_reservation_counts_at_once_so_concurrent_admissions_cannot_share_the_
 def test_load_fnc_over_its_threshold_or_failing_refuses_the_job(load_fnc: Callable[[Any], float], match: str) -> None:
     gate = admission(SupervisorSettings(load_fnc=load_fnc))
     with pytest.raises(AtCapacity, match=match):
-        run(lambda: gate.reserve(JobSpec(room="a"), options()))
+        run_bounded(lambda: gate.reserve(JobSpec(room="a"), options()))
     assert live(gate) == 0
 
 
@@ -97,7 +90,7 @@ def test_a_load_fnc_that_does_not_answer_in_time_fails_closed() -> None:
     gate = admission(SupervisorSettings(load_fnc=lambda info: release.wait(DEADLINE) and 0.0, load_timeout=0.05))
     try:
         with pytest.raises(AtCapacity, match="load_timeout=0.05s"):
-            run(lambda: gate.reserve(JobSpec(room="a"), options()))
+            run_bounded(lambda: gate.reserve(JobSpec(room="a"), options()))
     finally:
         release.set()
 
@@ -113,7 +106,7 @@ def test_jobs_take_a_slot_each_and_past_the_slots_only_an_allow_pending_agent_is
             await gate.reserve(JobSpec(room="c"), options())
         assert cluster.refreshes == 1, "it looks at the cluster again before refusing"
         await gate.reserve(JobSpec(room="d"), options(allow_pending=True))
-    run(scenario)
+    run_bounded(scenario)
     assert live(gate) == 3
 
 
@@ -135,7 +128,7 @@ def test_request_fnc_accepting_sets_the_agents_identity_and_rejecting_records_re
         with pytest.raises(JobRejected, match="rejected by request_fnc"):
             await gate.ask(rejected, options(request_fnc=reject))
         assert (rejected.state, rejected.cause) == (JobState.REJECTED, Cause.REJECTED)
-    run(scenario)
+    run_bounded(scenario)
     assert live(gate) == 1
 
 
@@ -150,7 +143,7 @@ def test_a_request_fnc_that_does_not_answer_in_time_rejects_the_job() -> None:
         record = await gate.reserve(JobSpec(room="a"), opts)
         with pytest.raises(JobRejected, match="request_timeout=0.05s"):
             await gate.ask(record, opts)
-    run(scenario)
+    run_bounded(scenario)
     assert live(gate) == 0
 
 
@@ -158,7 +151,7 @@ def test_a_draining_supervisor_admits_nothing() -> None:
     gate = admission()
     gate.stop("draining")
     with pytest.raises(Draining, match="draining"):
-        run(lambda: gate.reserve(JobSpec(room="a"), options()))
+        run_bounded(lambda: gate.reserve(JobSpec(room="a"), options()))
     assert not gate.admitting
 
 
@@ -172,7 +165,7 @@ def test_oversized_metadata_and_a_reused_job_id_are_refused() -> None:
         assert gate.existing(JobSpec(room="a", job_id="same")) is not None
         with pytest.raises(DuplicateJob, match="room 'a'"):
             gate.existing(JobSpec(room="b", job_id="same"))
-    run(scenario)
+    run_bounded(scenario)
 
 
 def test_the_worker_load_is_live_jobs_over_the_clusters_slots() -> None:
@@ -183,6 +176,6 @@ def test_the_worker_load_is_live_jobs_over_the_clusters_slots() -> None:
         half = await gate.worker_load(options())
         await gate.reserve(JobSpec(room="b"), options())
         return half, await gate.worker_load(options())
-    half, full = run(scenario)
+    half, full = run_bounded(scenario)
     assert (half.load, half.full, half.job_count) == (0.5, False, 1)
     assert (full.load, full.full, full.job_count) == (1.0, True, 2)

@@ -7,7 +7,7 @@ test runs in milliseconds. Every wait has the deadline ``DEADLINE``.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 from rayvisor import Cause, JobState, RestartPolicy, WorkerOptions
@@ -16,10 +16,10 @@ from rayvisor.supervisor.attempt import AttemptEnd
 from rayvisor.supervisor.job_driver import DriverServices, JobDriver, JobDrivers
 from rayvisor.supervisor.job_table import JobRecord, JobTable
 from rayvisor.supervisor.start_slots import StartSlots
+from bounded import SCENARIO_DEADLINE, run_bounded
 from supervisor_fakes import FakeCluster, FakeJobActor, LocalMetrics, NoPools
 
-DEADLINE = 5.0
-"""Seconds any one scenario may take (they take milliseconds)."""
+DEADLINE = SCENARIO_DEADLINE
 
 
 async def agent(ctx: Any) -> None:
@@ -84,13 +84,6 @@ async def until(condition: Callable[[], bool]) -> None:
         await asyncio.sleep(0.001)
 
 
-def scenario(test: Callable[[], Awaitable[None]]) -> None:
-    async def bounded() -> None:
-        async with asyncio.timeout(DEADLINE):
-            await test()
-    asyncio.run(bounded())
-
-
 def options(**overrides: Any) -> WorkerOptions:
     return WorkerOptions(entrypoint_fnc=agent, **overrides)
 
@@ -116,7 +109,7 @@ def test_a_job_that_ends_on_its_own_succeeds_and_its_actor_is_let_go() -> None:
         assert [start.run for start in actor.starts] == [True], "start and run go in one message"
         assert h.evicted == [record.id]
         assert h.drivers.get(record.id) is None, "an ended job's driver is let go"
-    scenario(run)
+    run_bounded(run)
 
 
 def test_a_restart_makes_a_new_attempt_on_a_new_actor_and_keeps_nothing_of_the_old_one() -> None:
@@ -143,7 +136,7 @@ def test_a_restart_makes_a_new_attempt_on_a_new_actor_and_keeps_nothing_of_the_o
         second.finish(JobState.SUCCEEDED, Cause.ROOM_EMPTY)
         await record.finished.wait()
         assert record.state is JobState.SUCCEEDED
-    scenario(run)
+    run_bounded(run)
 
 
 def test_a_report_from_an_earlier_attempt_is_ignored() -> None:
@@ -156,7 +149,7 @@ def test_a_report_from_an_earlier_attempt_is_ignored() -> None:
                                                         identities=["ghost"]))
         driver.memory(MemoryReport(job_id=driver.record.id, attempt=1, rss_mb=10_000.0))
         assert driver.record.info().participants == [] and driver.record.state is JobState.RUNNING
-    scenario(run)
+    run_bounded(run)
 
 
 def test_a_shutdown_whose_budget_is_spent_kills_the_actor() -> None:
@@ -173,7 +166,7 @@ def test_a_shutdown_whose_budget_is_spent_kills_the_actor() -> None:
         assert "shutdown_process_timeout=0.05s" in (record.error or "")
         await until(lambda: actor.killed)  # once the snapshot saying why is written
         assert (record.id, record.current.kill_end) in h.snapshots, "the kill is snapshotted before it lands"
-    scenario(run)
+    run_bounded(run)
 
 
 def test_a_shutdown_that_completes_in_time_disarms_the_deadline() -> None:
@@ -187,7 +180,7 @@ def test_a_shutdown_that_completes_in_time_disarms_the_deadline() -> None:
 
         assert (driver.record.state, driver.record.cause) == (JobState.SUCCEEDED, Cause.USER_SHUTDOWN)
         assert driver.record.current.deadline_task is None
-    scenario(run)
+    run_bounded(run)
 
 
 def test_an_actor_that_stops_answering_pings_is_killed_as_unresponsive() -> None:
@@ -199,7 +192,7 @@ def test_an_actor_that_stops_answering_pings_is_killed_as_unresponsive() -> None
 
         assert (driver.record.state, driver.record.cause) == (JobState.KILLED, Cause.UNRESPONSIVE)
         await until(lambda: h.actors[0].killed)
-    scenario(run)
+    run_bounded(run)
 
 
 def test_restarts_past_the_intensity_end_the_job_with_restart_limit() -> None:
@@ -214,7 +207,7 @@ def test_restarts_past_the_intensity_end_the_job_with_restart_limit() -> None:
         assert (record.state, record.cause, record.restarts) == (JobState.FAILED, Cause.RESTART_LIMIT, 2)
         assert "2 restarts within restart_window=60.0s" in (record.error or "")
         assert len(record.attempts) == 3
-    scenario(run)
+    run_bounded(run)
 
 
 def test_an_entrypoint_that_cannot_start_fails_the_job_with_start_failed() -> None:
@@ -225,7 +218,7 @@ def test_an_entrypoint_that_cannot_start_fails_the_job_with_start_failed() -> No
 
         assert (driver.record.state, driver.record.cause) == (JobState.FAILED, Cause.START_FAILED)
         assert "no module named" in (driver.record.error or "") and h.actors[0].killed
-    scenario(run)
+    run_bounded(run)
 
 
 def test_a_job_shut_down_while_it_waits_for_a_start_slot_ends_without_an_actor() -> None:
@@ -240,7 +233,7 @@ def test_a_job_shut_down_while_it_waits_for_a_start_slot_ends_without_an_actor()
 
         assert (driver.record.state, driver.record.cause) == (JobState.SUCCEEDED, Cause.USER_SHUTDOWN)
         assert h.actors == [] and h.slots.in_use == 1, "it neither created an actor nor kept a slot"
-    scenario(run)
+    run_bounded(run)
 
 
 def test_a_job_over_its_memory_limit_is_shut_down_and_killed_if_it_keeps_growing() -> None:
@@ -257,7 +250,7 @@ def test_a_job_over_its_memory_limit_is_shut_down_and_killed_if_it_keeps_growing
 
         assert (driver.record.state, driver.record.cause) == (JobState.KILLED, Cause.MEMORY_LIMIT)
         assert "still growing" in (driver.record.error or "")
-    scenario(run)
+    run_bounded(run)
 
 
 def test_the_job_shuts_itself_down_and_its_driver_holds_the_deadline() -> None:
@@ -272,7 +265,7 @@ def test_the_job_shuts_itself_down_and_its_driver_holds_the_deadline() -> None:
 
         assert (driver.record.state, driver.record.cause) == (JobState.KILLED, Cause.SHUTDOWN_TIMEOUT)
         assert driver.record.current.shutdown_trigger is Cause.ROOM_EMPTY
-    scenario(run)
+    run_bounded(run)
 
 
 def test_a_crash_is_recorded_at_once_and_corrected_to_node_lost_when_rays_verdict_says_so() -> None:
@@ -296,7 +289,7 @@ def test_a_crash_is_recorded_at_once_and_corrected_to_node_lost_when_rays_verdic
             (JobState.FAILED, Cause.ACTOR_CRASHED), (JobState.FAILED, Cause.NODE_LOST)]
         assert h.metrics.counter("rayvisor_jobs_ended", state="FAILED", cause="actor_crashed") == 0
         assert h.metrics.counter("rayvisor_jobs_ended", state="FAILED", cause="node_lost") == 1
-    scenario(run)
+    run_bounded(run)
 
 
 def test_a_restarted_jobs_crashed_attempt_is_corrected_in_its_history_and_the_restart_metric() -> None:
@@ -316,7 +309,7 @@ def test_a_restarted_jobs_crashed_attempt_is_corrected_in_its_history_and_the_re
         assert h.metrics.counter("rayvisor_job_restarts", cause="actor_crashed") == 0
         assert h.metrics.counter("rayvisor_job_restarts", cause="node_lost") == 1
         assert h.metrics.counter("rayvisor_jobs_ended", state="FAILED", cause="actor_crashed") == 0  # it never ended
-    scenario(run)
+    run_bounded(run)
 
 
 def test_a_crash_on_a_node_already_known_lost_is_recorded_node_lost_at_once() -> None:
@@ -328,7 +321,7 @@ def test_a_crash_on_a_node_already_known_lost_is_recorded_node_lost_at_once() ->
         actor.crash(verdict=None)
         await driver.record.finished.wait()
         assert driver.record.cause is Cause.NODE_LOST
-    scenario(run)
+    run_bounded(run)
 
 
 def test_a_shutdown_while_the_start_is_in_flight_reaches_the_actor_and_the_start_is_not_abandoned() -> None:
@@ -347,4 +340,4 @@ def test_a_shutdown_while_the_start_is_in_flight_reaches_the_actor_and_the_start
 
         assert (driver.record.state, driver.record.cause) == (JobState.SUCCEEDED, Cause.USER_SHUTDOWN)
         assert not actor.ran.is_set() and actor.killed
-    scenario(run)
+    run_bounded(run)

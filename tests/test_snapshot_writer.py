@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from typing import Any
+
+from bounded import SCENARIO_DEADLINE, run_bounded
 
 from rayvisor.messages import JobInfo, JobSpec, JobState, RestartPolicy
 from rayvisor.supervisor import snapshot_writer
 from rayvisor.supervisor.snapshot_writer import SnapshotWriter
 from rayvisor.supervisor.store import JobSnapshot
 
-DEADLINE = 5.0
-"""Seconds any one scenario may take (they take milliseconds)."""
 
 
 class FakeStore:
@@ -27,10 +26,20 @@ class FakeStore:
         self.gate = threading.Event()
         self.gate.set()
         self.threads: set[str] = set()
+        self.tries = 0
+        self._tried = threading.Condition()
+
+    def wait_tries(self, count: int) -> None:
+        """Until the writer has begun ``count`` puts (call it in a thread)."""
+        with self._tried:
+            assert self._tried.wait_for(lambda: self.tries >= count, SCENARIO_DEADLINE)
 
     def put_job(self, snapshot: JobSnapshot) -> None:
+        with self._tried:
+            self.tries += 1
+            self._tried.notify_all()
         if self.held is None or snapshot.info.id in self.held:
-            self.gate.wait(DEADLINE)
+            self.gate.wait(SCENARIO_DEADLINE)
         self.threads.add(threading.current_thread().name)
         if self.failures:
             self.failures -= 1
@@ -48,13 +57,6 @@ def snapshot(job_id: str, state: JobState) -> JobSnapshot:
                        restart_policy=RestartPolicy.TEMPORARY, attempt=1)
 
 
-def run(test: Any) -> None:
-    async def bounded() -> None:
-        async with asyncio.timeout(DEADLINE):
-            await test()
-    asyncio.run(bounded())
-
-
 def test_writes_happen_in_a_thread_and_a_burst_costs_one_write_per_job() -> None:
     store = FakeStore()
 
@@ -62,14 +64,14 @@ def test_writes_happen_in_a_thread_and_a_burst_costs_one_write_per_job() -> None
         writer = SnapshotWriter(store, set())
         store.gate.clear()  # the first write is held: what comes meanwhile piles up
         writer.put(snapshot("a", JobState.PENDING))
-        await asyncio.sleep(0.01)
+        await asyncio.to_thread(store.wait_tries, 1)
         for state in (JobState.STARTING, JobState.RUNNING):
             writer.put(snapshot("a", state))
             writer.put(snapshot("b", state))
         store.gate.set()
         await writer.flush()
         writer.close()
-    run(scenario)
+    run_bounded(scenario)
     assert store.writes == [("put", "a", JobState.PENDING), ("put", "a", JobState.RUNNING),
                             ("put", "b", JobState.RUNNING)]
     assert all(name.startswith("rayvisor-snapshots") for name in store.threads)
@@ -84,7 +86,7 @@ def test_a_delete_after_a_put_wins_and_flush_waits_for_both() -> None:
         writer.delete("a")
         await writer.flush()
         writer.close()
-    run(scenario)
+    run_bounded(scenario)
     assert store.writes == [("delete", "a", None)]
 
 
@@ -95,11 +97,11 @@ def test_a_refused_write_is_tried_again_and_a_newer_snapshot_put_meanwhile_wins(
     async def scenario() -> None:
         writer = SnapshotWriter(store, set())
         writer.put(snapshot("a", JobState.STARTING))
-        await asyncio.sleep(0.005)  # the first try fails; the next comes after the retry delay
+        await asyncio.to_thread(store.wait_tries, 1)  # the first try fails; the next comes after the retry delay
         writer.put(snapshot("a", JobState.RUNNING))
         await writer.flush()
         writer.close()
-    run(scenario)
+    run_bounded(scenario)
     assert store.writes == [("put", "a", JobState.RUNNING)]
 
 
@@ -110,16 +112,16 @@ def test_flush_waits_for_what_was_put_before_it_not_for_later_writes() -> None:
         writer = SnapshotWriter(store, set())
         writer.put(snapshot("a", JobState.STARTING))
         first = asyncio.ensure_future(writer.flush())  # waits for a's write only
-        await asyncio.sleep(0)
+        await asyncio.to_thread(store.wait_tries, 1)  # a's batch is taken
         store.gate.clear()
         writer.put(snapshot("b", JobState.STARTING))  # held until the gate opens
         await first
         assert store.writes == [("put", "a", JobState.STARTING)]
         second = asyncio.ensure_future(writer.flush())  # waits for b's
-        await asyncio.sleep(0.05)
+        await asyncio.to_thread(store.wait_tries, 2)  # b's write has begun and is held
         assert not second.done()
         store.gate.set()
         await second
         writer.close()
-    run(scenario)
+    run_bounded(scenario)
     assert store.writes == [("put", "a", JobState.STARTING), ("put", "b", JobState.STARTING)]

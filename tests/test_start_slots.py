@@ -3,19 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+
+from bounded import run_bounded
 
 from rayvisor.supervisor.start_slots import REFILL_PATIENCE, StartSlots
 
-DEADLINE = 5.0
-"""Seconds any one scenario may take (they take milliseconds)."""
-
-
-def run(test: Any) -> None:
-    async def bounded() -> None:
-        async with asyncio.timeout(DEADLINE):
-            await test()
-    asyncio.run(bounded())
 
 
 def test_the_pool_waits_while_any_job_starts_even_a_warm_one_that_holds_no_slot() -> None:
@@ -29,7 +21,7 @@ def test_the_pool_waits_while_any_job_starts_even_a_warm_one_that_holds_no_slot(
             assert slots.in_use == 1
         await refill  # the last start is done: the refill goes
         assert slots.in_use == 2
-    run(scenario)
+    run_bounded(scenario)
 
 
 def test_a_freed_slot_goes_to_a_waiting_job_not_to_the_pool_while_jobs_start() -> None:
@@ -47,7 +39,7 @@ def test_a_freed_slot_goes_to_a_waiting_job_not_to_the_pool_while_jobs_start() -
             await asyncio.sleep(0.01)
             assert not refill.done(), "a job is still starting"
         await refill
-    run(scenario)
+    run_bounded(scenario)
 
 
 def test_a_refill_waits_until_no_job_has_started_for_the_refill_delay() -> None:
@@ -59,24 +51,27 @@ def test_a_refill_waits_until_no_job_has_started_for_the_refill_delay() -> None:
         async with slots.for_pool():
             waited = asyncio.get_running_loop().time() - ended
         assert waited >= 0.19, waited
-    run(scenario)
+    run_bounded(scenario)
 
 
 def test_under_a_steady_stream_of_starts_a_refill_still_goes_after_its_patience() -> None:
     async def scenario() -> None:
         slots = StartSlots(lambda: 4, refill_delay=lambda: 0.1)
 
+        under_way = asyncio.Event()
+
         async def steady_starts() -> None:  # one start every 20 ms: never 0.1 s quiet
             while True:
                 with slots.job_starting():
+                    under_way.set()
                     await asyncio.sleep(0.01)
                 await asyncio.sleep(0.01)
 
         starts = asyncio.ensure_future(steady_starts())
-        await asyncio.sleep(0.015)  # the stream is under way
+        await under_way.wait()
         began = asyncio.get_running_loop().time()
         async with slots.for_pool():
             waited = asyncio.get_running_loop().time() - began
         starts.cancel()
         assert 0.1 * REFILL_PATIENCE - 0.05 <= waited < 0.1 * REFILL_PATIENCE + 0.5, waited
-    run(scenario)
+    run_bounded(scenario)
