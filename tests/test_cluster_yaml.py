@@ -92,3 +92,13 @@ def test_nodes_install_rayvisor_and_get_the_agent(config: dict[str, Any]) -> Non
     agent_paths = [remote for remote in config["file_mounts"] if remote.rstrip("/").endswith("agent")]
     assert agent_paths, f"no agent directory in file_mounts: {config['file_mounts']}"
     assert any(c.startswith("ray start --address=") for c in config["worker_start_ray_commands"])
+
+
+def test_the_supervisor_reads_slots_from_it_so_agent_nodes_may_start_from_zero(config: dict[str, Any]) -> None:
+    """What the supervisor on the head reads from the autoscaler's copy of this file
+    (``~/ray_bootstrap_config.yaml``) to decide that job actors take a slot."""
+    from rayvisor.supervisor.autoscaler_config import node_type_resources
+
+    assert "rayvisor_slot" in node_type_resources(config)
+    head, _ = _node_types(config)
+    assert "rayvisor_slot" not in node_type_resources({"available_node_types": {"head": head}})

@@ -100,6 +100,21 @@ def _from_env(name: str) -> Callable[[], str]:
     return lambda: os.environ.get(LIVEKIT_ENV[name], "")
 
 
+JOB_SLOTS_ENV = "RAYVISOR_JOB_SLOTS"
+"""Environment variable giving ``job_slots``' default: ``on`` / ``off`` / ``auto`` (unset: auto)."""
+_SWITCH = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False,
+           "off": False, "": None, "auto": None}
+
+
+def job_slots_from_env() -> bool | None:
+    """``job_slots``' default, from ``RAYVISOR_JOB_SLOTS`` (a deployment sets it where the
+    autoscaler's config is out of the supervisor's sight, e.g. a KubeRay sidecar)."""
+    value = os.environ.get(JOB_SLOTS_ENV, "").strip().lower()
+    if value not in _SWITCH:
+        raise InvalidAgent(f"{JOB_SLOTS_ENV}={value!r}: use on, off or auto")
+    return _SWITCH[value]
+
+
 class EndWhen(str, enum.Enum):
     """When a job ends on its own, besides an explicit shutdown or the room's deletion."""
 
@@ -158,6 +173,25 @@ class WorkerOptions:
     autoscaler's cue) instead of ``AtCapacity``; see ``pending_timeout``."""
     pending_timeout: float = 300.0
     """A pending job not placed within this many seconds is REJECTED, cause ``no_capacity``."""
+    job_slots: bool | None = field(default_factory=job_slots_from_env)
+    """Whether each job actor asks Ray for one ``rayvisor_slot`` (a supervisor-wide setting;
+    default from ``RAYVISOR_JOB_SLOTS``). None: yes once the cluster declares the resource, in
+    the autoscaler's config (a node type advertises it) or on any node, alive or gone; never
+    inferred from which nodes happen to be alive. With slots and none free, a job pends
+    (``allow_pending``) or gets ``AtCapacity`` naming ``rayvisor_slot``: it never runs on a
+    node without slots (the head)."""
+    min_free_slots: int = 0
+    """Headroom (a supervisor-wide setting): the supervisor asks Ray's autoscaler
+    (``ray.autoscaler.sdk.request_resources``) for room for every live job, pending ones
+    included, plus this many free job bundles (a slot each), which the warm pool's actors may
+    fill; so a node is added before the slots run out. 0: no headroom."""
+    refused_demand_timeout: float = 300.0
+    """A submit refused for lack of resources still counts in the autoscaler request for this
+    long (seconds, a supervisor-wide setting), so the next caller finds room: one per room,
+    taken back as soon as a job of that agent and room is admitted."""
+    autoscaler_request_interval: float = 0.5
+    """Least time (seconds) between two updates of the request to Ray's autoscaler (a
+    supervisor-wide setting); a burst of admissions makes one update."""
     drain_timeout: float = 1800.0
     """``rayvisor start`` on SIGTERM, and ``client.drain()`` by default: how long running jobs
     may keep going before they are shut down (cause ``drained``)."""
@@ -289,12 +323,17 @@ class WorkerOptions:
                      "token_ttl", "room_connect_timeout", "worker_status_interval", "assignment_timeout",
                      "reconnect_initial_delay", "reconnect_max_delay", "worker_heartbeat_interval",
                      "failover_outcome_grace", "death_verdict_timeout", "cluster_view_interval",
-                     "pool_refill_delay", "snapshot_before_kill_timeout"):
+                     "pool_refill_delay", "snapshot_before_kill_timeout", "refused_demand_timeout",
+                     "autoscaler_request_interval"):
             value = getattr(self, name)
             if not _finite_number(value) or value <= 0:
                 raise InvalidAgent(f"{name} must be a positive number of seconds, got {value!r}")
         if self.token_ttl > MAX_TOKEN_TTL:
             raise InvalidAgent(f"token_ttl must be at most {MAX_TOKEN_TTL:g} s (a year), got {self.token_ttl!r}")
+        if self.job_slots is not None and not isinstance(self.job_slots, bool):
+            raise InvalidAgent(f"job_slots must be True, False or None (decided by the cluster), got {self.job_slots!r}")
+        if not isinstance(self.min_free_slots, int) or isinstance(self.min_free_slots, bool) or self.min_free_slots < 0:
+            raise InvalidAgent(f"min_free_slots must be a non-negative integer, got {self.min_free_slots!r}")
         if not isinstance(self.max_concurrent_starts, int) or self.max_concurrent_starts < 0:
             raise InvalidAgent(f"max_concurrent_starts must be a non-negative integer, got {self.max_concurrent_starts!r}")
         for name in ("max_metadata_bytes", "finished_job_history", "event_history"):

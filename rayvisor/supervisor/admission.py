@@ -20,6 +20,7 @@ from ..agents.options import WorkerOptions
 from ..agents.request import Answer, JobRequest, LoadInfo
 from ..errors import AtCapacity, Draining, DuplicateJob, InvalidJobSpec, JobRejected, MetadataTooLarge
 from ..messages import Cause, JobSpec, JobState
+from .autoscaler_request import RefusedDemand
 from .capacity import Bundle, Demand, job_bundle, shortage
 from .cluster_view import SLOT_RESOURCE
 from .job_table import JobRecord, JobTable
@@ -51,17 +52,19 @@ def new_job_id() -> str:
 
 class Admission:
     """See the module docstring. ``agent_options`` gives a live job's agent options (its
-    bundle counts against the cluster); ``idle_actors`` the warm pools' ready actors."""
+    bundle counts against the cluster); ``idle_actors`` the warm pools' ready actors;
+    ``refused`` keeps the submits refused for lack of resources (the autoscaler's cue)."""
 
     def __init__(self, *, settings: SupervisorSettings, table: JobTable, cluster: ClusterResources,
                  metrics: SupervisorMetrics, agent_options: Callable[[str], WorkerOptions],
-                 idle_actors: Callable[[], int]) -> None:
+                 idle_actors: Callable[[], int], refused: RefusedDemand | None = None) -> None:
         self._settings = settings
         self._table = table
         self._cluster = cluster
         self._metrics = metrics
         self._agent_options = agent_options
         self._idle_actors = idle_actors
+        self.refused = refused or RefusedDemand(lambda: settings.refused_demand_timeout)
         self._refusal: str | None = None
         self._demand: tuple[tuple[int, bool], Demand] | None = None
         """The last ``demand()``, with the table version and slot mode it was computed for."""
@@ -106,7 +109,12 @@ class Admission:
         if self.resource_shortage(opts):
             await self._cluster.refresh()  # a node may have joined since the last read: look before refusing
         self.check_admitting()  # a drain may have begun while load_fnc answered
-        problem = self.capacity_problem(opts, load)  # no await from here to the reservation: atomic
+        problem = self.limit_problem(load)  # no await from here to the reservation: atomic
+        short = {} if problem else self.resource_shortage(opts)
+        if short:
+            self.refused.refused(opts.agent_name, spec.room, self.bundle(opts))
+            problem = (f"not enough free Ray resources: {short}; the request to Ray's autoscaler now "
+                       "counts this job, so a retry can succeed once the autoscaler has added a node")
         if problem is not None:
             self._metrics.rejected("at_capacity")
             raise AtCapacity(problem)
@@ -115,6 +123,7 @@ class Admission:
         record = JobRecord(id=spec.job_id or new_job_id(), spec=spec, agent_name=opts.agent_name,
                            shutdown_budget=opts.shutdown_process_timeout, restart_policy=spec.restart or opts.restart)
         self._table.add(record)
+        self.refused.admitted(opts.agent_name, spec.room)
         self._metrics.active_jobs(self._table.live_count)
         return record
 
@@ -201,14 +210,21 @@ class Admission:
 
     def capacity_problem(self, opts: WorkerOptions, load: float | None) -> str | None:
         """Why one more job of ``opts`` would be over capacity, or None."""
+        problem = self.limit_problem(load)
+        if problem is not None:
+            return problem
+        short = self.resource_shortage(opts)
+        return f"not enough free Ray resources: {short}" if short else None
+
+    def limit_problem(self, load: float | None) -> str | None:
+        """Why one more job would be over the supervisor's own limits (``max_jobs``, the load), or None."""
         settings = self._settings
         live = self._table.live_count
         if settings.max_jobs is not None and live >= settings.max_jobs:
             return f"{live} jobs are running; max_jobs={settings.max_jobs}"
         if load is not None and load >= settings.load_threshold:
             return f"load {load:.2f} is at or above load_threshold={settings.load_threshold}"
-        short = self.resource_shortage(opts)
-        return f"not enough free Ray resources: {short}" if short else None
+        return None
 
     def resource_shortage(self, opts: WorkerOptions) -> dict[str, str]:
         """What one more job of ``opts`` would lack (nothing for an ``allow_pending`` agent:

@@ -48,9 +48,12 @@ class Demand:
     held: Counter[str] = field(default_factory=Counter)
     jobs: int = 0
     waiting: Counter[str] = field(default_factory=Counter)
+    bundles: list[Bundle] = field(default_factory=list)
+    """Each live job's bundle (what the autoscaler request asks room for)."""
 
     def add_job(self, agent: str, bundle: Bundle, *, waiting: bool) -> None:
         self.jobs += 1
+        self.bundles.append(bundle)
         for name, amount in bundle.items():
             self.held[name] += units(amount)
         if waiting:

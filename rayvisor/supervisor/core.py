@@ -21,6 +21,7 @@ from ..messages import Cause, JobSpec, JobStart
 from ..rooms.local import evict_participant
 from .admission import Admission
 from .attempt import AttemptEnd
+from .autoscaler_request import AutoscalerRequest, RefusedDemand, autoscaler_bundles
 from .cluster_view import SLOT_RESOURCE, ClusterSnapshot, ClusterView
 from .credentials import LiveKitCredentials
 from .job_driver import DriverServices, JobDrivers
@@ -73,16 +74,23 @@ class SupervisorCore:
                               event_history=self.settings.event_history,
                               on_change=self._job_changed, on_evict=self.snapshots.delete)
         self.cluster = ClusterView(interval=self.settings.cluster_view_interval, on_change=self._cluster_changed,
-                                   tasks=self.tasks)
+                                   tasks=self.tasks, job_slots=self.settings.job_slots)
+        refused = RefusedDemand(lambda: self.settings.refused_demand_timeout,
+                                on_change=lambda: self.autoscaler_request.changed())
         self.admission = Admission(settings=self.settings, table=self.table, cluster=self.cluster,
                                    metrics=self.metrics, agent_options=self.options_of,
-                                   idle_actors=lambda: self.pools.idle)
+                                   idle_actors=lambda: self.pools.idle, refused=refused)
         self.start_slots = StartSlots(lambda: self.settings.max_concurrent_starts or self.cluster.cpu_count,
                                       refill_delay=lambda: self.settings.pool_refill_delay)
         self.pools = WarmPools(demand=self.admission.demand, totals=lambda: self.cluster.totals,
                                lost_nodes=lambda: self.cluster.lost_nodes, max_jobs=lambda: self.settings.max_jobs,
                                metrics=self.metrics, start_slots=self.start_slots)
         self._pools_take_slots = self.cluster.slots_in_use
+        restarted = restarted_by_ray()
+        self.autoscaler_request = AutoscalerRequest(
+            compute=self._autoscaler_bundles, interval=lambda: self.settings.autoscaler_request_interval,
+            tasks=self.tasks, known_empty=not restarted,
+            on_sent=lambda bundles: self.metrics.autoscaler_requested(len(bundles)))
         self.livekit = LiveKitDispatch(self, self.store, self.tasks)  # this object is its DispatchHost
         self.drivers = JobDrivers(DriverServices(
             table=self.table, metrics=self.metrics, pools=self.pools, start_slots=self.start_slots,
@@ -90,7 +98,7 @@ class SupervisorCore:
             flush=self.snapshots.flush,
             admitting=lambda: self.admission.admitting, withdraw_offer=self.livekit.withdraw_offer,
             evict=lambda record: evict_participant(namespace, record.spec.room, record.identity), tasks=self.tasks))
-        if restarted_by_ray():
+        if restarted:
             # Ray restarted us (max_restarts=-1): take the jobs of the previous incarnation back.
             for agent in self.store.agents():
                 self.agents[agent.agent_name] = agent
@@ -196,6 +204,15 @@ class SupervisorCore:
         self.livekit.job_changed(record)
         self.drivers.job_changed(record)
         self.pools.rebalance_soon()
+        self.autoscaler_request.changed()
+
+    def _autoscaler_bundles(self) -> list[dict[str, float]]:
+        """What Ray's autoscaler is asked to make room for (see ``autoscaler_request``)."""
+        ledger = self.pools.ledger()
+        spare = [holding.bundle for holding in ledger.pools for _ in range(ledger.spare(holding))]
+        return autoscaler_bundles(jobs=ledger.demand.bundles, pool_spare=spare, headroom=self.settings.min_free_slots,
+                                  headroom_bundle=self.admission.bundle(self._default_agent),
+                                  refused=self.admission.refused.bundles())
 
     def _cluster_changed(self, snapshot: ClusterSnapshot) -> None:
         """A node joined or was lost: the pools follow (lost idle actors stop counting, new
@@ -209,6 +226,7 @@ class SupervisorCore:
             for opts in self.agents.values():
                 self.start_pool(opts)
         self.pools.nodes_changed()
+        self.autoscaler_request.changed()
 
     # -- DispatchHost: what LiveKit dispatch asks of the supervisor -------------------------
 

@@ -44,6 +44,7 @@ class SupervisorMetrics:
             "rayvisor_job_records": (ray_metrics.Gauge, ("worker_id",)),
             "rayvisor_stored_job_snapshots": (ray_metrics.Gauge, ("worker_id",)),
             "rayvisor_supervisor_tasks": (ray_metrics.Gauge, ("worker_id",)),
+            "rayvisor_autoscaler_requested_bundles": (ray_metrics.Gauge, ("worker_id",)),
         }
         for name, (kind, keys) in specs.items():
             self._ray[name] = self._make(kind, name, keys)
@@ -129,6 +130,10 @@ class SupervisorMetrics:
         self._set("rayvisor_job_records", job_records)
         self._set("rayvisor_stored_job_snapshots", stored_snapshots)
         self._set("rayvisor_supervisor_tasks", tasks)
+
+    def autoscaler_requested(self, bundles: int) -> None:
+        """The job bundles the supervisor now asks Ray's autoscaler to make room for."""
+        self._set("rayvisor_autoscaler_requested_bundles", bundles)
 
     def job_started(self, seconds: float) -> None:
         self._observe("rayvisor_job_start_seconds", seconds)

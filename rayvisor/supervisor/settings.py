@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ..agents.options import job_slots_from_env
 from ..errors import InvalidAgent
 
 if TYPE_CHECKING:
@@ -36,6 +37,10 @@ class SupervisorSettings:
     finished_job_history: int = 10_000
     event_history: int = 10_000
     cluster_view_interval: float = 1.0
+    job_slots: bool | None = field(default_factory=job_slots_from_env)
+    min_free_slots: int = 0
+    refused_demand_timeout: float = 300.0
+    autoscaler_request_interval: float = 0.5
 
     def __post_init__(self) -> None:
         from ..agents.options import WorkerOptions

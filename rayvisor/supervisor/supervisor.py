@@ -179,6 +179,7 @@ class Supervisor:
         await wait_ended(live, None)
         await core.livekit.close(core.default_agent.control_call_timeout)  # last job statuses reach LiveKit first
         core.cluster.close()
+        await core.autoscaler_request.close()  # no room is needed any more: idle nodes may go
         await core.snapshots.flush()
         await asyncio.to_thread(core.store.clear)  # a stopped supervisor leaves nothing to recover
         core.snapshots.close()
