@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from rayvisor import SupervisorSettings, WorkerOptions
 from rayvisor.errors import AtCapacity, InvalidAgent
@@ -271,7 +272,8 @@ def test_the_node_types_of_a_cluster_config_declare_their_resources() -> None:
     assert autoscaler_config.node_type_resources(None) == frozenset()
 
 
-def test_the_config_file_of_an_autoscaler_running_on_this_node_is_found_from_its_command_line(tmp_path: Path) -> None:
+def test_the_config_file_of_this_clusters_autoscaler_is_found_from_its_command_line_not_another_clusters(
+        tmp_path: Path) -> None:
     config = tmp_path / "autoscaler.yaml"
     config.write_text(textwrap.dedent("""
         available_node_types:
@@ -280,10 +282,13 @@ def test_the_config_file_of_an_autoscaler_running_on_this_node_is_found_from_its
     """))
     monitor = tmp_path / "monitor.py"
     monitor.write_text("import sys\nsys.stdin.read()\n")
-    proc = subprocess.Popen([sys.executable, str(monitor), f"--autoscaling-config={config}"], stdin=subprocess.PIPE)
+    proc = subprocess.Popen([sys.executable, str(monitor), "--gcs-address=10.0.0.1:6379",
+                             f"--autoscaling-config={config}"], stdin=subprocess.PIPE)
     try:
-        assert autoscaler_config.autoscaler_config_path() == config
-        assert "rayvisor_slot" in autoscaler_config.local_autoscaler_config_resources.__wrapped__()
+        assert autoscaler_config.autoscaler_config_path("10.0.0.1:6379") == config
+        assert autoscaler_config.autoscaler_config_path("10.0.0.2:6379") is None, "another cluster's autoscaler"
+        assert "rayvisor_slot" in autoscaler_config.node_type_resources(
+            yaml.safe_load(autoscaler_config.autoscaler_config_path("10.0.0.1:6379").read_text()))
     finally:
         proc.communicate(b"", timeout=10)
 

@@ -27,8 +27,10 @@ import yaml
 logger = logging.getLogger("rayvisor.supervisor")
 
 AUTOSCALING_CONFIG_FLAG = "--autoscaling-config="
+GCS_ADDRESS_FLAG = "--gcs-address="
 MONITOR_SCRIPT = "monitor.py"
-"""Ray's autoscaler runs as ``python .../ray/autoscaler/_private/monitor.py --autoscaling-config=FILE ...``."""
+"""Ray's autoscaler runs as ``python .../ray/autoscaler/_private/monitor.py --gcs-address=ADDRESS
+--autoscaling-config=FILE ...``."""
 
 
 def declared_resources() -> frozenset[str]:
@@ -53,9 +55,16 @@ def gcs_cluster_config_resources() -> frozenset[str]:
 
 @functools.cache
 def local_autoscaler_config_resources() -> frozenset[str]:
-    """From the config file of an autoscaler running on this node (read once per process:
-    the file a running autoscaler was started with does not change under it)."""
-    path = autoscaler_config_path()
+    """From the config file of this cluster's autoscaler, when it runs on this node (read once
+    per process: the file a running autoscaler was started with does not change under it)."""
+    try:
+        import ray
+
+        gcs_address = ray.get_runtime_context().gcs_address
+    except Exception as err:  # not connected: no cluster to match an autoscaler with
+        logger.debug("no Ray connection to match an autoscaler with: %r", err)
+        return frozenset()
+    path = autoscaler_config_path(gcs_address)
     if path is None:
         return frozenset()
     try:
@@ -65,8 +74,9 @@ def local_autoscaler_config_resources() -> frozenset[str]:
         return frozenset()
 
 
-def autoscaler_config_path() -> Path | None:
-    """The ``--autoscaling-config`` file of Ray's autoscaler monitor on this node, if one runs."""
+def autoscaler_config_path(gcs_address: str) -> Path | None:
+    """The ``--autoscaling-config`` file of the autoscaler monitor of the cluster whose GCS
+    is at ``gcs_address``, if it runs on this node (another Ray on the machine has its own)."""
     for proc in psutil.process_iter():
         try:
             cmdline = proc.cmdline()
@@ -74,9 +84,11 @@ def autoscaler_config_path() -> Path | None:
             continue
         if not any(arg.endswith(MONITOR_SCRIPT) for arg in cmdline):
             continue
-        for arg in cmdline:
-            if arg.startswith(AUTOSCALING_CONFIG_FLAG):
-                return Path(arg.removeprefix(AUTOSCALING_CONFIG_FLAG)).expanduser()
+        flags = dict(arg.split("=", 1) for arg in cmdline if arg.startswith("--") and "=" in arg)
+        if flags.get(GCS_ADDRESS_FLAG.rstrip("=")) != gcs_address:
+            continue
+        config = flags.get(AUTOSCALING_CONFIG_FLAG.rstrip("="))
+        return Path(config).expanduser() if config else None
     return None
 
 
