@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import signal
@@ -145,14 +146,24 @@ def follow_lifecycle(client: Client, stop: threading.Event, emit: Callable[[str]
 
 
 def _run_worker(opts: WorkerOptions, *, mode: str, address: str | None, namespace: str,
-                ray_output: RayOutput = RayOutput()) -> None:
+                ray_output: RayOutput = RayOutput(), http: bool = True) -> None:
     """``dev``/``start``: serve the agent and print the lifecycle. SIGINT, or a second
     SIGTERM, shuts every job down through the protocol at once; a first SIGTERM drains
-    (no new jobs, running ones get ``drain_timeout``). Ray is stopped if we started it."""
+    (no new jobs, running ones get ``drain_timeout``). Ray is stopped if we started it.
+    ``http``: serve the health endpoint (``rayvisor.health``) on ``opts.host``/``opts.port``."""
+    from .health import HealthServer
+
     logs.configure(mode)
+    # Its port is bound first: a taken port fails here, before a supervisor is started.
+    health = HealthServer.for_agent(opts, devmode=mode == "dev") if http else None
     started_ray = not ray.is_initialized() and address is None
-    client = serve(opts, address=address, namespace=namespace, log_format="json" if mode == "start" else "text",
-                   register_worker=opts.uses_livekit, logging_level=ray_output.logging_level)
+    try:
+        client = serve(opts, address=address, namespace=namespace, log_format="json" if mode == "start" else "text",
+                       register_worker=opts.uses_livekit, logging_level=ray_output.logging_level)
+    except BaseException:
+        if health is not None:
+            health.stop()
+        raise
     stop = threading.Event()
     draining = threading.Event()
 
@@ -181,9 +192,14 @@ def _run_worker(opts: WorkerOptions, *, mode: str, address: str | None, namespac
         click.echo(f"registering with LiveKit at {opts.ws_url} (jobs join LiveKit rooms; "
                    f"see `rayvisor worker-status`)", err=True)
     try:
+        if health is not None:
+            health.start(client)
+            click.echo(f"health: {health.url}", err=True)
         follow_lifecycle(client, stop)
     finally:
         click.echo("stopping: shutting jobs down through the protocol", err=True)
+        if health is not None:
+            health.stop()  # probes see the pod stopping (connection refused), not a half-removed supervisor
         client.stop()
         if started_ray:
             ray.shutdown()
@@ -216,6 +232,22 @@ namespace_option = click.option("--namespace", default=DEFAULT_NAMESPACE, show_d
 attach_option = click.option("--address", default="auto", show_default=True, help="Ray address to attach to.")
 
 
+def http_options(command: click.Command) -> click.Command:
+    """``dev``/``start``'s health endpoint flags (they override ``WorkerOptions.host``/``port``)."""
+    command = click.option("--http-host", default=None,
+                           help="Interface of the health endpoint (default: the agent's host; \"\": every interface).")(command)
+    command = click.option("--http-port", type=click.IntRange(0, 65535), default=None,
+                           help="Port of the health endpoint, 0 for a free one (default: the agent's port, "
+                                "else 8081 for start, a free port for dev).")(command)
+    return click.option("--no-http", is_flag=True, help="Serve no health endpoint.")(command)
+
+
+def with_http(opts: WorkerOptions, host: str | None, port: int | None) -> WorkerOptions:
+    """``opts`` with the health endpoint's host and port given on the command line, if any."""
+    given = {name: value for name, value in (("host", host), ("port", port)) if value is not None}
+    return dataclasses.replace(opts, **given) if given else opts
+
+
 def build_cli(opts: WorkerOptions | Any = None) -> click.Group:
     """The command group; with ``opts`` (``cli.run_app``) ``dev``/``start`` run that agent.
     ``opts`` may also be livekit-agents' ``WorkerOptions``/``ServerOptions`` or ``AgentServer``."""
@@ -233,16 +265,18 @@ def build_cli(opts: WorkerOptions | Any = None) -> click.Group:
 
         @click.pass_context
         def run(ctx: click.Context, address: str | None, namespace: str, agent: str | None = None,
-                agent_name: str | None = None) -> None:
+                agent_name: str | None = None, http_host: str | None = None, http_port: int | None = None,
+                no_http: bool = False) -> None:
             with _errors_as_messages():
                 logs.configure(mode)  # before loading: warnings about ignored options use the mode's format
                 devmode = mode == "dev"
                 loaded = (as_rayvisor_options(opts, devmode=devmode) if opts is not None
                           else load_agent(agent or "", agent_name=agent_name, devmode=devmode))
-                _run_worker(loaded, mode=mode, address=address, namespace=namespace, ray_output=_ray_output())
+                _run_worker(with_http(loaded, http_host, http_port), mode=mode, address=address,
+                            namespace=namespace, ray_output=_ray_output(), http=not no_http)
 
         command = click.Command(mode, callback=run, help=help_text, params=params)
-        command = address_option(namespace_option(command))
+        command = http_options(address_option(namespace_option(command)))
         if opts is None:
             command = click.option("--agent-name", default=None, help="Override the agent's name.")(command)
         group.add_command(command)

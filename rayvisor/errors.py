@@ -216,6 +216,13 @@ class InferenceUnavailable(InferenceError, ConnectionError):
     code = "inference_unavailable"
 
 
+class HealthServerError(RayvisorError, OSError):
+    """``rayvisor dev``/``start`` could not serve its HTTP health endpoint on the configured
+    host and port (the port is taken, the host is not this machine's, ...)."""
+
+    code = "health_server_error"
+
+
 _BY_CODE: dict[str, type[RayvisorError]] = {}
 
 

@@ -598,3 +598,33 @@ class WorkerBridgeStatus(Record):
     """Connection or registration attempts that failed."""
     last_error: str = ""
     draining: bool = False
+
+
+@register
+class HealthRequest(Record):
+    """A health probe's question to the supervisor (``client.health``)."""
+
+    agent_name: str | None = Field(default=None, max_length=MAX_IDENTITY_CHARS)
+    """None: the only registered agent."""
+    with_load: bool = False
+    """Also compute the load reported to LiveKit (runs ``load_fnc``, bounded by ``load_timeout``);
+    False keeps the answer free of user code, for liveness probes."""
+
+
+@register
+class SupervisorHealth(Record):
+    """The supervisor's cheap self-report, behind ``rayvisor start``'s HTTP health endpoint."""
+
+    agent_name: str
+    active_jobs: int
+    """Jobs not yet in a terminal state, supervisor-wide (the job count reported to LiveKit)."""
+    draining: bool
+    """The supervisor admits no new jobs (draining or stopping)."""
+    worker_load: float | None = None
+    """The load the worker bridge reports to LiveKit, in [0, 1] (only ``with_load``)."""
+    full: bool = False
+    """One more job would be refused (only ``with_load``)."""
+    livekit_state: BridgeState | None = Field(default=None, strict=False)
+    """The agent's LiveKit worker registration, None when it has none."""
+    worker_id: str = ""
+    """The LiveKit worker id of the registration ("" without one)."""

@@ -109,9 +109,9 @@ def test_run_app_gives_an_agent_file_the_cli(serve, namespace, rooms):
 def serve_in_subprocess(mode: str, agent, namespace: str):
     """``rayvisor dev|start AGENT`` in its own process, attached to the test session's Ray;
     returns the process and a client once its supervisor answers."""
-    proc = subprocess.Popen(
+    proc = subprocess.Popen(  # a free health port: `start`'s 8081 may be taken on a test machine
         [sys.executable, "-m", "rayvisor.cli", mode, str(agent), "--address",
-         ray.get_runtime_context().gcs_address, "--namespace", namespace],
+         ray.get_runtime_context().gcs_address, "--namespace", namespace, "--http-port", "0"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
 

@@ -194,8 +194,6 @@ IGNORED_SETTINGS = {
     "session_end_timeout": 30.0,
     "max_retry": 3,
     "log_level": "WARN",
-    "host": "127.0.0.1",
-    "port": 9000,
     "http_proxy": "http://proxy.example:3128",
     "multiprocessing_context": "spawn",
     "preload_modules": ["numpy"],
@@ -287,6 +285,25 @@ def test_num_idle_processes_sizes_the_warm_pool_for_the_mode(devmode, expected):
     opts = as_rayvisor_options(LivekitWorkerOptions(
         entrypoint_fnc=entrypoint, num_idle_processes=ServerEnvOption(dev_default=0, prod_default=3)), devmode=devmode)
     assert (opts.num_idle_actors, opts.max_idle_actors) == expected
+
+
+@pytest.mark.parametrize("devmode,port,expected", [
+    (False, None, 8081),  # livekit's defaults: 8081 in production ...
+    (True, None, 0),  # ... a free port in dev
+    (False, 9000, 9000),
+    (True, ServerEnvOption(dev_default=9001, prod_default=9002), 9001),
+])
+def test_host_and_port_serve_rayvisors_health_endpoint_with_livekits_defaults(devmode, port, expected, caplog):
+    given = {} if port is None else {"port": port}
+    with caplog.at_level(logging.WARNING, logger="rayvisor.livekit_agents"):
+        opts = as_rayvisor_options(LivekitWorkerOptions(entrypoint_fnc=entrypoint, host="127.0.0.1", **given),
+                                   devmode=devmode)
+        server = AgentServer(host="127.0.0.1", **given)
+        server.rtc_session(entrypoint)
+        from_server = as_rayvisor_options(server, devmode=devmode)
+    assert ours(caplog) == []
+    for converted in (opts, from_server):
+        assert (converted.host, converted.http_port(devmode=devmode)) == ("127.0.0.1", expected)
 
 
 def test_a_livekit_request_fnc_works_with_rayvisors_job_request():

@@ -501,9 +501,9 @@ def test_rayvisor_start_registers_an_agent_file_with_the_server_from_the_environ
     '''))
     env = {**os.environ, "LIVEKIT_URL": server.ws_url, "LIVEKIT_API_KEY": server.api_key,
            "LIVEKIT_API_SECRET": server.api_secret}
-    proc = subprocess.Popen(
+    proc = subprocess.Popen(  # a free health port: 8081 may be taken on a test machine
         [sys.executable, "-m", "rayvisor.cli", "start", str(agent), "--address",
-         ray.get_runtime_context().gcs_address, "--namespace", namespace],
+         ray.get_runtime_context().gcs_address, "--namespace", namespace, "--http-port", "0"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         registered = server.wait_for(lambda: [w for w in server.workers() if w.agent_name == agent_name and w.connected],

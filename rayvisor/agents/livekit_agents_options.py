@@ -37,7 +37,6 @@ SAME_MEANING = ("shutdown_process_timeout", "initialize_process_timeout", "job_m
 CREDENTIALS = ("ws_url", "api_key", "api_secret")
 """Taken when given; otherwise rayvisor reads ``LIVEKIT_URL``/``..._API_KEY``/``..._API_SECRET`` as livekit does."""
 
-_NO_HEALTH_SERVER = "rayvisor serves no health-check HTTP endpoint (see `rayvisor metrics` / client.metrics())"
 _NO_PROMETHEUS = "rayvisor's metrics are read with `rayvisor metrics` / client.metrics()"
 
 IGNORED: dict[str, str] = {
@@ -48,8 +47,6 @@ IGNORED: dict[str, str] = {
     "max_retry": "rayvisor reconnects to LiveKit without limit, with backoff "
                  "(reconnect_initial_delay, reconnect_max_delay)",
     "log_level": "`rayvisor dev` logs readable text and `rayvisor start` JSON; set levels with Python's logging",
-    "host": _NO_HEALTH_SERVER,
-    "port": _NO_HEALTH_SERVER,
     "http_proxy": "rayvisor has no proxy setting for its LiveKit connections",
     "multiprocessing_context": "jobs run in Ray actors, not multiprocessing children",
     "preload_modules": "jobs run in Ray actors; import heavy modules in prewarm_fnc (the warm pool runs it ahead)",
@@ -59,7 +56,7 @@ IGNORED: dict[str, str] = {
 """livekit-agents options with no rayvisor counterpart: a warning (with this reason) when set."""
 
 MAPPED = frozenset({"entrypoint_fnc", "prewarm_fnc", "request_fnc", "load_fnc", "load_threshold", "agent_name",
-                    "num_idle_processes", "permissions", "worker_type", *SAME_MEANING, *CREDENTIALS})
+                    "num_idle_processes", "permissions", "worker_type", "host", "port", *SAME_MEANING, *CREDENTIALS})
 """livekit-agents options this module maps (or refuses) explicitly."""
 
 _RTC_SESSION_DEFAULTS: dict[str, Any] = {"entrypoint_fnc": None, "request_fnc": None, "on_session_end": None,
@@ -117,7 +114,7 @@ def convert(obj: object, *, devmode: bool = False) -> Conversion:
     _refuse_unsupported(settings)
     warnings = (*_ignored(settings), *_unused_load_threshold(settings))
     kwargs = {**_functions(settings), **_same_meaning(settings), **_credentials(settings),
-              **_load(settings, devmode), **_pool(settings, devmode),
+              **_load(settings, devmode), **_pool(settings, devmode), **_http(settings, devmode),
               "permissions": _permissions(settings.values["permissions"])}
     try:
         # written for LiveKit Agents: its code finds its job with get_job_context(), wherever it lives
@@ -317,6 +314,18 @@ def _pool(settings: _Settings, devmode: bool) -> dict[str, int]:
                            f"got {count!r}")
     ceiling = max(count, _rayvisor_default("max_idle_actors")) if count else 0
     return {"num_idle_actors": count, "max_idle_actors": ceiling}
+
+
+def _http(settings: _Settings, devmode: bool) -> dict[str, Any]:
+    """``host`` and ``port`` of the health endpoint, as given; a ``ServerEnvOption`` port is
+    resolved for the mode. Unset: rayvisor's defaults, which are livekit's (every interface;
+    8081 in ``start``, a free port in ``dev``)."""
+    http: dict[str, Any] = {}
+    if settings.is_set("host"):
+        http["host"] = settings.values["host"]
+    if settings.is_set("port"):
+        http["port"] = _env_value(settings.values["port"], devmode)
+    return http
 
 
 def _rayvisor_default(name: str) -> Any:

@@ -34,6 +34,12 @@ class AutoSubscribe(str, enum.Enum):
 MAX_TOKEN_TTL = 366 * 24 * 3600.0
 """Longest ``token_ttl`` accepted (a JWT's expiry must stay a representable date)."""
 
+START_HTTP_PORT = 8081
+"""``rayvisor start``'s health endpoint port when ``port`` is None (LiveKit Agents' production default)."""
+DEV_HTTP_PORT = 0
+"""``rayvisor dev``'s: a free port, so several dev runs never collide (LiveKit Agents' dev default)."""
+MAX_PORT = 65535
+
 
 def _finite_number(value: object) -> bool:
     """An int or float (not a bool) that is finite as a float (huge ints are not)."""
@@ -303,6 +309,16 @@ class WorkerOptions:
     """Websocket ping interval of the worker bridge; a server that stops answering is
     reconnected to, even if it never closed the connection."""
 
+    host: str = ""
+    """Interface ``dev``/``start`` serve their HTTP health endpoint on (``GET /``, ``GET /worker``),
+    as LiveKit Agents' ``host``: "" is every interface."""
+    port: int | None = None
+    """Port of that endpoint, as LiveKit Agents' ``port``; 0 is a free port. None: the mode's
+    default, ``START_HTTP_PORT`` (8081) for ``start`` and ``DEV_HTTP_PORT`` (0) for ``dev``,
+    LiveKit Agents' ``ServerEnvOption`` defaults."""
+    health_check_timeout: float = 2.0
+    """Bound (seconds) on the supervisor's answer to one health probe; past it, ``GET /`` answers 503."""
+
     def __post_init__(self) -> None:
         if not inspect.iscoroutinefunction(self.entrypoint_fnc):
             raise InvalidAgent(
@@ -324,7 +340,7 @@ class WorkerOptions:
                      "reconnect_initial_delay", "reconnect_max_delay", "worker_heartbeat_interval",
                      "failover_outcome_grace", "death_verdict_timeout", "cluster_view_interval",
                      "pool_refill_delay", "snapshot_before_kill_timeout", "refused_demand_timeout",
-                     "autoscaler_request_interval"):
+                     "autoscaler_request_interval", "health_check_timeout"):
             value = getattr(self, name)
             if not _finite_number(value) or value <= 0:
                 raise InvalidAgent(f"{name} must be a positive number of seconds, got {value!r}")
@@ -369,6 +385,7 @@ class WorkerOptions:
                 isinstance(k, str) and _finite_number(v) and v >= 0 for k, v in self.job_resources.items()):
             raise InvalidAgent("job_resources must map resource names to non-negative amounts")
         self._validate_livekit()
+        self._validate_http()
         if self.livekit_agents_context is None:
             object.__setattr__(self, "livekit_agents_context", uses_livekit_agents(self.entrypoint_fnc))
         elif not isinstance(self.livekit_agents_context, bool):
@@ -387,6 +404,19 @@ class WorkerOptions:
             raise InvalidAgent(f"ws_url must be a ws://, wss://, http:// or https:// url, got {self.ws_url!r}")
         if not isinstance(self.permissions, WorkerPermissions):
             raise InvalidAgent("permissions must be a rayvisor.WorkerPermissions")
+
+    def _validate_http(self) -> None:
+        if not isinstance(self.host, str):
+            raise InvalidAgent(f"host must be a string (\"\": every interface), got {self.host!r}")
+        if self.port is not None and (isinstance(self.port, bool) or not isinstance(self.port, int)
+                                      or not 0 <= self.port <= MAX_PORT):
+            raise InvalidAgent(f"port must be an integer in 0..{MAX_PORT} (0: a free port) or None, got {self.port!r}")
+
+    def http_port(self, *, devmode: bool) -> int:
+        """The health endpoint's port: ``port``, or the mode's default when it is None."""
+        if self.port is not None:
+            return self.port
+        return DEV_HTTP_PORT if devmode else START_HTTP_PORT
 
     @property
     def uses_livekit(self) -> bool:

@@ -30,12 +30,14 @@ from ..messages import (
     DrainStarted,
     MetricsSnapshot,
     EventsRequest,
+    HealthRequest,
     JobIdRequest,
     JobInfo,
     JobList,
     JobSpec,
     Record,
     ShutdownJobRequest,
+    SupervisorHealth,
     Transition,
     TransitionList,
     WaitRequest,
@@ -228,6 +230,13 @@ class Client:
     def metrics(self) -> MetricsSnapshot:
         """The supervisor's counters, gauges and histogram summaries."""
         return self._call("metrics", JobIdRequest(job_id=""), MetricsSnapshot)
+
+    def health(self, agent_name: str | None = None, *, with_load: bool = False,
+               timeout: float | None = None) -> SupervisorHealth:
+        """The supervisor's cheap self-report (jobs, draining, LiveKit registration; the
+        load too with ``with_load``), ``SupervisorUnavailable`` past ``timeout``."""
+        return self._call("health", HealthRequest.build(agent_name=agent_name, with_load=with_load),
+                          SupervisorHealth, timeout=timeout)
 
     def stop(self, timeout: float = 120.0) -> None:
         """Shut every job down through the protocol (new submits get ``Draining``), then remove

@@ -23,7 +23,7 @@ import ray
 
 from ..actors import main_thread_registries
 from ..agents.options import WorkerOptions
-from ..errors import InvalidJobSpec, WaitTimeout
+from ..errors import InvalidJobSpec, LiveKitNotConfigured, WaitTimeout
 from ..logs import configure as configure_logging
 from ..messages import (
     Ack,
@@ -34,6 +34,7 @@ from ..messages import (
     DrainResult,
     DrainStarted,
     EventsRequest,
+    HealthRequest,
     JobIdRequest,
     JobInfo,
     JobList,
@@ -44,6 +45,7 @@ from ..messages import (
     ParticipantsChanged,
     ShutdownJobRequest,
     ShutdownStarted,
+    SupervisorHealth,
     TransitionList,
     WaitRequest,
     WorkerBridgeStatus,
@@ -196,6 +198,22 @@ class Supervisor:
     @endpoint(AgentNameRequest)
     async def worker_status(self, request: AgentNameRequest) -> WorkerBridgeStatus:
         return self._core.livekit.status(self._core.resolve(request.agent_name).agent_name)
+
+    @endpoint(HealthRequest)
+    async def health(self, request: HealthRequest) -> SupervisorHealth:
+        """A cheap self-report for health probes: job count, draining, the LiveKit registration;
+        ``with_load`` adds the load and fullness the worker bridge reports to LiveKit."""
+        core = self._core
+        opts = core.resolve(request.agent_name)
+        try:
+            bridge = core.livekit.status(opts.agent_name)
+        except LiveKitNotConfigured:  # not registered with a LiveKit server
+            bridge = None
+        load = await core.worker_load(opts) if request.with_load else None
+        return SupervisorHealth(
+            agent_name=opts.agent_name, active_jobs=core.table.live_count, draining=not core.admission.admitting,
+            worker_load=load.load if load else None, full=load.full if load else False,
+            livekit_state=bridge.state if bridge else None, worker_id=bridge.worker_id if bridge else "")
 
     # -- job actors: their reports --------------------------------------------------------
 
