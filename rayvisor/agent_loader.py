@@ -30,7 +30,7 @@ def load_agent(target: str, *, agent_name: str | None = None, devmode: bool = Fa
     ``ServerEnvOption`` values for ``dev``."""
     attribute: str | None = None
     if Path(target).is_file():
-        module = _load_file(Path(target))
+        module = load_file_module(Path(target))
     elif ":" in target:
         module_name, attribute = target.split(":", 1)
         try:
@@ -45,18 +45,27 @@ def load_agent(target: str, *, agent_name: str | None = None, devmode: bool = Fa
     return opts
 
 
-def _load_file(path: Path) -> ModuleType:
+def load_file_module(path: Path) -> ModuleType:
+    """Import ``path`` as a fresh module named ``rayvisor_agent_<stem>`` (replacing an earlier
+    one in ``sys.modules`` once it loaded), its directory first on ``sys.path`` for its sibling
+    modules. A fresh module object is what lets ``rayvisor dev`` reload an edited file."""
     name = "rayvisor_agent_" + re.sub(r"\W", "_", path.stem)
     spec = importlib.util.spec_from_file_location(name, path.resolve())
     if spec is None or spec.loader is None:
         raise AgentLoadError(f"cannot load {path}")
     module = importlib.util.module_from_spec(spec)
+    previous = sys.modules.get(name)
     sys.modules[name] = module
-    sys.path.insert(0, str(path.resolve().parent))  # the agent's sibling modules, as `python AGENT.py` would
+    directory = str(path.resolve().parent)
+    if sys.path[:1] != [directory]:  # the agent's sibling modules first, as `python AGENT.py` would
+        sys.path.insert(0, directory)
     try:
         spec.loader.exec_module(module)
     except Exception as err:
-        sys.modules.pop(name, None)
+        if previous is None:
+            sys.modules.pop(name, None)
+        else:  # a failed reload leaves the loaded version in place
+            sys.modules[name] = previous
         raise AgentLoadError(f"{path} raised while loading: {type(err).__name__}: {err}") from err
     return module
 

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import ray
@@ -28,6 +28,9 @@ from .errors import InvalidMetadata, RayvisorError, SupervisorUnavailable
 from .messages import JobInfo, JobSpec, Transition
 from .rooms.local import DEFAULT_NAMESPACE, LocalRooms
 from .supervisor.client import Client, connect, local_rooms, serve
+
+if TYPE_CHECKING:  # aiohttp's server and watchfiles load with dev/start only: agents import this module
+    from .dev_reload import DevReloader
 
 KINDS = {
     "standard": rtc.ParticipantKind.PARTICIPANT_KIND_STANDARD,
@@ -146,11 +149,12 @@ def follow_lifecycle(client: Client, stop: threading.Event, emit: Callable[[str]
 
 
 def _run_worker(opts: WorkerOptions, *, mode: str, address: str | None, namespace: str,
-                ray_output: RayOutput = RayOutput(), http: bool = True) -> None:
+                ray_output: RayOutput = RayOutput(), http: bool = True, reloader: DevReloader | None = None) -> None:
     """``dev``/``start``: serve the agent and print the lifecycle. SIGINT, or a second
     SIGTERM, shuts every job down through the protocol at once; a first SIGTERM drains
     (no new jobs, running ones get ``drain_timeout``). Ray is stopped if we started it.
-    ``http``: serve the health endpoint (``rayvisor.health``) on ``opts.host``/``opts.port``."""
+    ``http``: serve the health endpoint (``rayvisor.health``) on ``opts.host``/``opts.port``.
+    ``reloader``: ``dev``'s hot reload (``rayvisor.dev_reload``), watching while the agent is served."""
     from .health import HealthServer
 
     logs.configure(mode)
@@ -195,8 +199,12 @@ def _run_worker(opts: WorkerOptions, *, mode: str, address: str | None, namespac
         if health is not None:
             health.start(client)
             click.echo(f"health: {health.url}", err=True)
+        if reloader is not None:
+            reloader.start(client)
         follow_lifecycle(client, stop)
     finally:
+        if reloader is not None:
+            reloader.stop()  # no reload races the supervisor's removal
         click.echo("stopping: shutting jobs down through the protocol", err=True)
         if health is not None:
             health.stop()  # probes see the pod stopping (connection refused), not a half-removed supervisor
@@ -266,19 +274,27 @@ def build_cli(opts: WorkerOptions | Any = None) -> click.Group:
         @click.pass_context
         def run(ctx: click.Context, address: str | None, namespace: str, agent: str | None = None,
                 agent_name: str | None = None, http_host: str | None = None, http_port: int | None = None,
-                no_http: bool = False) -> None:
+                no_http: bool = False, reload: bool = False) -> None:
             with _errors_as_messages():
                 logs.configure(mode)  # before loading: warnings about ignored options use the mode's format
                 devmode = mode == "dev"
                 loaded = (as_rayvisor_options(opts, devmode=devmode) if opts is not None
                           else load_agent(agent or "", agent_name=agent_name, devmode=devmode))
+                reloader = None
+                if reload:
+                    from .dev_reload import dev_reloader
+
+                    reloader = dev_reloader(serving=loaded, target=agent, app=opts, agent_name=agent_name)
                 _run_worker(with_http(loaded, http_host, http_port), mode=mode, address=address,
-                            namespace=namespace, ray_output=_ray_output(), http=not no_http)
+                            namespace=namespace, ray_output=_ray_output(), http=not no_http, reloader=reloader)
 
         command = click.Command(mode, callback=run, help=help_text, params=params)
         command = http_options(address_option(namespace_option(command)))
         if opts is None:
             command = click.option("--agent-name", default=None, help="Override the agent's name.")(command)
+        if mode == "dev":  # LiveKit Agents' flag; only dev reloads, as there
+            command = click.option("--reload/--no-reload", default=True, show_default=True,
+                                   help="Reload the agent's code for new jobs when its .py files change.")(command)
         group.add_command(command)
 
     worker_command("dev", "Serve an agent with readable logs, printing each job's lifecycle.")

@@ -115,11 +115,7 @@ def serve(opts: WorkerOptions | Any, *, address: str | None = None, namespace: s
         scheduling_strategy=here, max_concurrency=10_000,
     ).remote(opts, namespace, log_format, settings)
     client = Client(handle, namespace, call_timeout=call_timeout)
-    registered = client._call_raw(handle.register_agent.remote(opts, settings), AgentRegistered)
-    if registered.conflicts:
-        logger.warning("namespace %r's supervisor is already running with other supervisor-wide settings; "
-                       "agent %r gets its settings, not these: %s", namespace, opts.agent_name,
-                       "; ".join(registered.conflicts))
+    client.register_agent(opts, settings)
     if register_worker:
         client.start_worker(opts.agent_name)
     return client
@@ -181,6 +177,20 @@ class Client:
                     raise
             time.sleep(delay)  # backoff between attempts to reach a restarting supervisor
             delay = min(delay * 2, RETRY_MAX_DELAY)
+
+    def register_agent(self, opts: WorkerOptions | Any, settings: SupervisorSettings | None = None) -> AgentRegistered:
+        """Register an agent, or replace the one of that name for new jobs: its warm pool is
+        restarted on ``opts``' code, live jobs keep the code they started with (``rayvisor dev``
+        reloads this way). The reply's ``conflicts`` name the supervisor-wide settings asked for
+        (``settings``, or ``opts``' own) that the running supervisor keeps otherwise (logged)."""
+        opts = as_rayvisor_options(opts)
+        ship_agent_code(opts)  # a reloaded agent is a new module object: ship it by value too
+        registered = self._call_raw(self._handle.register_agent.remote(opts, settings), AgentRegistered)
+        if registered.conflicts:
+            logger.warning("namespace %r's supervisor is already running with other supervisor-wide settings; "
+                           "agent %r gets its settings, not these: %s", self.namespace, opts.agent_name,
+                           "; ".join(registered.conflicts))
+        return registered
 
     def submit(self, spec: JobSpec | None = None, **fields: Any) -> str:
         """Admit a job (``JobSpec`` or its fields as keywords); returns its id at once."""

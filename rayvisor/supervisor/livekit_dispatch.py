@@ -130,8 +130,11 @@ class LiveKitDispatch:
     # -- WorkerHost: driven by the bridges ------------------------------------------------
 
     async def offer_job(self, opts: WorkerOptions, job: agent_proto.Job) -> Offer:
-        """An ``AvailabilityRequest``: admit the job as PENDING and hold it for the assignment."""
+        """An ``AvailabilityRequest``: admit the job as PENDING and hold it for the assignment.
+        The job runs the agent as registered now, not as the bridge was started with (``rayvisor
+        dev`` re-registers an edited agent while its bridge stays connected)."""
         try:
+            opts = self._host.agent_options(opts.agent_name)
             spec = JobSpec(room=job.room.name, metadata=job.metadata, agent_name=opts.agent_name,
                            dispatch_id=job.dispatch_id, job_id=job.id, origin=JobOrigin.LIVEKIT)
             record = self._host.existing_job(spec)
