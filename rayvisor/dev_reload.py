@@ -65,10 +65,12 @@ RELOAD_BURST_MAX_MS = 1600
 WATCHER_IDLE_CHECK_MS = 1000
 """How long watchfiles waits inside Rust before coming back to Python when nothing changes
 (its ``rust_timeout``); ``stop_event`` is checked every ``RELOAD_QUIET_MS`` regardless."""
-WATCHER_STOP_TIMEOUT = 15.0
-"""Bound on ``DevReloader.stop`` waiting for the watcher thread: it notices the stop within
-``RELOAD_QUIET_MS``, or once a reload in progress is done (its register call is bounded by
-the client's ``call_timeout``)."""
+WATCHER_STOP_MARGIN = 5.0
+"""``DevReloader.stop`` waits for the watcher thread this long plus what a reload in progress
+may take (``RELOAD_CALLS`` calls, each bounded by the client's ``call_timeout``); the thread
+notices the stop within ``RELOAD_QUIET_MS`` otherwise."""
+RELOAD_CALLS = 2
+"""Supervisor calls one reload makes: ``register_agent``, then ``list`` for the running jobs."""
 
 Emit = Callable[[str], None]
 
@@ -247,9 +249,10 @@ class DevReloader:
         """Stop watching and wait (bounded) for the watcher thread to end."""
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(timeout=WATCHER_STOP_TIMEOUT)
+            bound = WATCHER_STOP_MARGIN + RELOAD_CALLS * (self._client.call_timeout if self._client else 0.0)
+            self._thread.join(timeout=bound)
             if self._thread.is_alive():
-                logger.warning("the dev reload watcher did not stop within %ss", WATCHER_STOP_TIMEOUT)
+                logger.warning("the dev reload watcher did not stop within %ss", bound)
 
     def _watch(self) -> None:
         try:
@@ -266,11 +269,12 @@ class DevReloader:
         Returns whether the new code now serves."""
         assert self._client is not None, "start() first"
         names = sorted({Path(p).name for p in changed})
-        for name in project_modules(self.source.root):
-            sys.modules.pop(name, None)  # helpers import afresh; the agent module is replaced by its load
+        # Helpers import afresh; the agent module is replaced by its load.
+        dropped = {name: sys.modules.pop(name) for name in project_modules(self.source.root) if name in sys.modules}
         try:
             opts = self.source.load()
         except Exception as err:  # any failure to load: the previous version keeps serving
+            sys.modules.update(dropped)  # with the helpers it was loaded with
             self._emit(format_load_error(err, self.source))
             return False
         if opts.agent_name != self.agent_name:

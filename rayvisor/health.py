@@ -147,13 +147,15 @@ class HealthServer:
     with the supervisor's client; ``stop()`` is bounded and idempotent. Usable as a context
     manager that stops it."""
 
-    def __init__(self, *, host: str, port: int, agent_name: str, uses_livekit: bool, timeout: float) -> None:
+    def __init__(self, *, host: str, port: int, agent_name: str, uses_livekit: bool, timeout: float,
+                 load_timeout: float = 0.0) -> None:
         self._sock = bind(host, port)
         self.host = host
         self.port: int = self._sock.getsockname()[1]
         self._agent_name = agent_name
         self._uses_livekit = uses_livekit
         self._timeout = timeout
+        self._load_timeout = load_timeout
         self._source: HealthSource | None = None
         self._executor = ThreadPoolExecutor(max_workers=PROBE_THREADS, thread_name_prefix="rayvisor-health-probe")
         self._thread: threading.Thread | None = None
@@ -165,7 +167,8 @@ class HealthServer:
         """The endpoint ``dev`` (``devmode``) or ``start`` serves for ``opts``: its ``host``,
         its ``port`` (or the mode's default) and its ``health_check_timeout``."""
         return cls(host=opts.host, port=opts.http_port(devmode=devmode), agent_name=opts.agent_name,
-                   uses_livekit=opts.uses_livekit, timeout=opts.health_check_timeout)
+                   uses_livekit=opts.uses_livekit, timeout=opts.health_check_timeout,
+                   load_timeout=opts.load_timeout if opts.load_fnc is not None else 0.0)
 
     @property
     def url(self) -> str:
@@ -188,16 +191,21 @@ class HealthServer:
         self._source = source
         ready = threading.Event()
         failure: list[BaseException] = []
+        # Made here, before the thread, so that ``stop`` can always reach them.
+        loop = self._loop = asyncio.new_event_loop()
+        self._stop = asyncio.Event()
 
         def run() -> None:
             try:
-                asyncio.run(self._serve(ready))
+                loop.run_until_complete(self._serve(ready))
             except BaseException as err:  # reported to start(), or logged once serving
                 failure.append(err)
                 if ready.is_set():
                     logger.exception("the health endpoint stopped")
             finally:
                 ready.set()
+                loop.run_until_complete(loop.shutdown_asyncgens())
+                loop.close()
 
         self._thread = threading.Thread(target=run, name="rayvisor-health", daemon=True)
         self._thread.start()
@@ -222,8 +230,7 @@ class HealthServer:
         self._sock.close()
 
     async def _serve(self, ready: threading.Event) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._stop = asyncio.Event()
+        assert self._stop is not None
         app = web.Application()
         app.add_routes([web.get("/", self._health), web.get("/worker", self._worker)])
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_GRACE)
@@ -239,14 +246,17 @@ class HealthServer:
 
     async def _ask(self, *, with_load: bool) -> SupervisorHealth | BaseException:
         """The supervisor's report, or the error that stood in for it; the blocking Ray call
-        runs on a probe thread, bounded by ``health_check_timeout``."""
+        runs on a probe thread, bounded by ``health_check_timeout`` (plus ``load_timeout`` when
+        the load is asked for: the supervisor runs ``load_fnc`` for it)."""
         assert self._source is not None
-        call = functools.partial(self._source.health, self._agent_name, with_load=with_load, timeout=self._timeout)
+        timeout = self._timeout + (self._load_timeout if with_load else 0.0)
+        call = functools.partial(self._source.health, self._agent_name, with_load=with_load, timeout=timeout)
         try:
             return await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(self._executor, call),
-                                          self._timeout + HEALTH_CALL_SLACK)
+                                          timeout + HEALTH_CALL_SLACK)
         except asyncio.TimeoutError:
-            return TimeoutError(f"no answer within health_check_timeout={self._timeout}s")
+            load = f" + load_timeout={self._load_timeout}s" if with_load and self._load_timeout else ""
+            return TimeoutError(f"no answer within health_check_timeout={self._timeout}s{load}")
         except Exception as err:
             return err
 

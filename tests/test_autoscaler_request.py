@@ -9,6 +9,7 @@ import asyncio
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from rayvisor.errors import AtCapacity, InvalidAgent
 from rayvisor.messages import JobSpec
 from rayvisor.supervisor import autoscaler_config
 from rayvisor.supervisor.admission import Admission
-from rayvisor.supervisor.autoscaler_request import AutoscalerRequest, RefusedDemand, autoscaler_bundles
+from rayvisor.supervisor.autoscaler_request import AutoscalerRequest, RefusedDemand, autoscaler_bundles, headroom
 from rayvisor.supervisor.cluster_view import ClusterSnapshot, ClusterView
 from rayvisor.supervisor.job_table import JobTable
 from bounded import run_bounded
@@ -76,6 +77,8 @@ def test_a_refused_room_counts_once_however_often_its_caller_retries_and_ends_wh
     refused.admitted("other-agent", "room-b")  # another agent's job in that room is not this demand
     assert refused.bundles() == [SLOT]
     assert len(changes) == 7
+    refused.clear()  # the supervisor stops admitting
+    assert refused.bundles() == [] and len(changes) == 8
 
 
 def test_a_refused_submit_stops_counting_after_the_timeout() -> None:
@@ -115,7 +118,7 @@ def test_the_request_follows_demand_sends_only_changes_and_is_withdrawn_on_close
 
     async def scenario() -> None:
         request = AutoscalerRequest(compute=lambda: list(demand), interval=lambda: 0.01, tasks=set(),
-                                    known_empty=True, send=autoscaler)
+                                    send=autoscaler)
         demand.extend([SLOT, SLOT])
         request.changed()
         assert await autoscaler.next_request() == [SLOT, SLOT]
@@ -128,16 +131,60 @@ def test_the_request_follows_demand_sends_only_changes_and_is_withdrawn_on_close
     run_bounded(scenario)
 
 
-def test_a_new_supervisor_with_no_demand_sends_nothing_but_a_restarted_one_replaces_its_predecessors_request() -> None:
-    async def scenario(known_empty: bool) -> list[list[dict[str, float]]]:
-        autoscaler = Autoscaler()
-        request = AutoscalerRequest(compute=list, interval=lambda: 0.01, tasks=set(), known_empty=known_empty,
-                                    send=autoscaler)
-        await asyncio.sleep(0.1)
+def test_the_first_request_is_sent_even_when_empty_replacing_whatever_an_earlier_supervisor_left() -> None:
+    autoscaler = Autoscaler()
+
+    async def scenario() -> None:
+        request = AutoscalerRequest(compute=list, interval=lambda: 0.01, tasks=set(), send=autoscaler)
+        assert await autoscaler.next_request() == []
         await request.close()
-        return autoscaler.requests
-    assert run_bounded(lambda: scenario(True)) == []
-    assert run_bounded(lambda: scenario(False)) == [[]]
+    run_bounded(scenario)
+    assert autoscaler.requests[-1] == []
+
+
+def test_the_request_withdrawn_on_close_is_the_last_one_made_even_with_a_send_in_flight() -> None:
+    release = threading.Event()
+    made: list[list[dict[str, float]]] = []
+
+    def slow_autoscaler(bundles: list[dict[str, float]]) -> None:
+        if bundles:
+            release.wait(5)
+        made.append(bundles)
+
+    async def scenario() -> None:
+        request = AutoscalerRequest(compute=lambda: [SLOT], interval=lambda: 0.01, tasks=set(), send=slow_autoscaler)
+        await asyncio.sleep(0)  # the first send is in flight, blocked
+        closing = asyncio.ensure_future(request.close())
+        await asyncio.sleep(0.05)
+        release.set()
+        await closing
+    run_bounded(scenario)
+    assert made == [[SLOT], []]
+
+
+def test_a_failing_computation_is_logged_and_retried_not_the_end_of_the_request() -> None:
+    autoscaler = Autoscaler()
+    calls = []
+
+    def compute() -> list[dict[str, float]]:
+        calls.append(1)
+        if len(calls) == 1:
+            raise ZeroDivisionError("a bug")
+        return [SLOT]
+
+    async def scenario() -> None:
+        request = AutoscalerRequest(compute=compute, interval=lambda: 0.01, tasks=set(), send=autoscaler)
+        request.changed()
+        assert await autoscaler.next_request() == [SLOT]
+        await request.close()
+    run_bounded(scenario)
+
+
+def test_headroom_is_kept_only_while_jobs_are_admitted_and_within_max_jobs() -> None:
+    assert headroom(2, admitting=True, max_jobs=None, live_jobs=10) == 2
+    assert headroom(2, admitting=False, max_jobs=None, live_jobs=0) == 0, "draining or stopping: no job will come"
+    assert headroom(2, admitting=True, max_jobs=5, live_jobs=4) == 1
+    assert headroom(2, admitting=True, max_jobs=5, live_jobs=5) == 0
 
 
 def test_a_failed_send_is_retried() -> None:
@@ -145,8 +192,7 @@ def test_a_failed_send_is_retried() -> None:
     autoscaler.fail = 2
 
     async def scenario() -> None:
-        AutoscalerRequest(compute=lambda: [SLOT], interval=lambda: 0.01, tasks=set(), known_empty=True,
-                          send=autoscaler)
+        AutoscalerRequest(compute=lambda: [SLOT], interval=lambda: 0.01, tasks=set(), send=autoscaler)
         assert await autoscaler.next_request() == [SLOT]
     run_bounded(scenario)
     assert autoscaler.requests == [[SLOT]]

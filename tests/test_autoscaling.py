@@ -8,6 +8,7 @@ autoscaler's config, so job actors ask for one even while no agent node exists.
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -18,6 +19,7 @@ from support import wait_until
 import rayvisor
 from rayvisor import JobContext, JobState
 from rayvisor.errors import AtCapacity
+from rayvisor.supervisor.supervisor import SUPERVISOR_NAME
 
 SLOTS_PER_NODE = 2
 NODE_START_TIMEOUT = 60.0
@@ -53,6 +55,15 @@ def cluster():
 def no_agent_node_at_start(cluster):
     """Each test starts from zero agent nodes (the previous test's idle nodes are removed)."""
     wait_for_agent_nodes(0, timeout=NODE_REMOVAL_TIMEOUT)
+
+
+def standing_request() -> list[dict[str, float]]:
+    """The bundles Ray's autoscaler (v1, as ``ray start --autoscaling-config`` runs it) is asked to fit."""
+    from ray._private.ray_constants import AUTOSCALER_RESOURCE_REQUEST_CHANNEL
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    raw = _internal_kv_get(AUTOSCALER_RESOURCE_REQUEST_CHANNEL)
+    return json.loads(raw) if raw else []
 
 
 def head_node() -> str:
@@ -135,3 +146,14 @@ def test_with_headroom_a_node_is_added_before_the_slots_run_out(serve):
     third, refusals = submit_until_admitted(client, "three")
     assert refusals == 0
     assert third in {info.id for info in running(client, 3)}
+    wait_until(lambda: standing_request() == [{"rayvisor_slot": 1.0}] * 4, timeout=10)  # 3 jobs + 1 free
+    client.stop()
+    assert standing_request() == [], "a stopped supervisor needs no room: the nodes may go"
+
+
+def test_a_supervisor_that_could_not_withdraw_its_request_leaves_none_standing(serve, namespace):
+    client = serve(waits_in_its_room, min_free_slots=1)
+    wait_until(lambda: standing_request() == [{"rayvisor_slot": 1.0}], timeout=10)
+    ray.kill(ray.get_actor(SUPERVISOR_NAME, namespace=namespace), no_restart=True)
+    client.stop()
+    assert standing_request() == []

@@ -207,6 +207,15 @@ def test_root_asks_the_supervisor_for_this_agent_without_running_load_fnc(served
     assert fake.asked[-1] == ("desk", True, 0.5)
 
 
+def test_worker_gives_the_supervisor_load_timeout_more_to_run_load_fnc(fake: FakeSupervisor) -> None:
+    with HealthServer(host="127.0.0.1", port=0, agent_name="desk", uses_livekit=False, timeout=0.5,
+                      load_timeout=2.0) as server:
+        server.start(fake)
+        get(server.url)
+        get(server.url + "worker")
+    assert fake.asked == [("desk", False, 0.5), ("desk", True, 2.5)]
+
+
 def test_worker_answers_the_supervisors_report_as_json(served: HealthServer) -> None:
     status, body = get(served.url + "worker")
     info = json.loads(body)

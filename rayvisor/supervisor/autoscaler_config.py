@@ -16,8 +16,8 @@ here means "no declaration found", never an error for the caller.
 
 from __future__ import annotations
 
-import functools
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,10 @@ logger = logging.getLogger("rayvisor.supervisor")
 
 AUTOSCALING_CONFIG_FLAG = "--autoscaling-config="
 GCS_ADDRESS_FLAG = "--gcs-address="
+CONFIG_RESCAN_INTERVAL = 30.0
+"""While no autoscaler config is found on this node, look again after this many seconds (the
+autoscaler may start after the supervisor); a config once found is kept: the file a running
+autoscaler was started with does not change under it."""
 MONITOR_SCRIPT = "monitor.py"
 """Ray's autoscaler runs as ``python .../ray/autoscaler/_private/monitor.py --gcs-address=ADDRESS
 --autoscaling-config=FILE ...``."""
@@ -53,10 +57,13 @@ def gcs_cluster_config_resources() -> frozenset[str]:
                      for name, amount in group.resources.items() if amount > 0)
 
 
-@functools.cache
+_found: dict[str, frozenset[str]] = {}
+_last_miss: dict[str, float] = {}
+
+
 def local_autoscaler_config_resources() -> frozenset[str]:
-    """From the config file of this cluster's autoscaler, when it runs on this node (read once
-    per process: the file a running autoscaler was started with does not change under it)."""
+    """From the config file of this cluster's autoscaler, when it runs on this node (see
+    ``CONFIG_RESCAN_INTERVAL``)."""
     try:
         import ray
 
@@ -64,7 +71,20 @@ def local_autoscaler_config_resources() -> frozenset[str]:
     except Exception as err:  # not connected: no cluster to match an autoscaler with
         logger.debug("no Ray connection to match an autoscaler with: %r", err)
         return frozenset()
-    path = autoscaler_config_path(gcs_address)
+    if gcs_address in _found:
+        return _found[gcs_address]
+    if time.monotonic() - _last_miss.get(gcs_address, -CONFIG_RESCAN_INTERVAL) < CONFIG_RESCAN_INTERVAL:
+        return frozenset()
+    found = read_config_resources(autoscaler_config_path(gcs_address))
+    if found:
+        _found[gcs_address] = found
+    else:
+        _last_miss[gcs_address] = time.monotonic()
+    return found
+
+
+def read_config_resources(path: Path | None) -> frozenset[str]:
+    """The resources the node types of the cluster config at ``path`` advertise (none without one)."""
     if path is None:
         return frozenset()
     try:

@@ -13,8 +13,10 @@ request is one job bundle (``rayvisor_slot`` and the agent's ``job_resources``) 
   retry finds room.
 
 It is updated as jobs come and go (at most every ``autoscaler_request_interval``), so once
-demand falls the autoscaler may remove idle nodes. The request is cluster-wide: one
-supervisor per cluster should rely on it. ``stop`` withdraws it.
+demand falls the autoscaler may remove idle nodes. A supervisor that no longer admits jobs
+(draining, stopping) asks only for its live jobs. The request is cluster-wide: one
+supervisor per cluster should rely on it. ``stop`` withdraws it, and a new supervisor's
+first request replaces whatever an earlier one (killed, or crashed) left standing.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ..aio import supervised_task
@@ -41,6 +44,15 @@ def _request_resources(bundles: list[dict[str, float]]) -> None:
     request_resources(bundles=bundles)
 
 
+def withdraw_request() -> None:
+    """Withdraw the request to Ray's autoscaler from outside a supervisor (``Client.stop``
+    when the supervisor could not withdraw it itself); a failure is logged, not raised."""
+    try:
+        _request_resources([])
+    except Exception as err:
+        logger.warning("cannot withdraw the request to Ray's autoscaler: %r", err)
+
+
 class RefusedDemand:
     """Submits refused for lack of resources, one per (agent, room): a caller retrying the
     same room counts once. An entry ends when a job of that agent and room is admitted, or
@@ -54,11 +66,19 @@ class RefusedDemand:
         self._entries: dict[tuple[str, str], tuple[float, dict[str, float]]] = {}
 
     def refused(self, agent: str, room: str, bundle: Bundle) -> None:
+        """A submit of ``agent`` for ``room`` was refused for lack of ``bundle``'s resources."""
         self._entries[(agent, room)] = (self._clock() + self._timeout(), dict(bundle))
         self._on_change()
 
     def admitted(self, agent: str, room: str) -> None:
+        """A job of ``agent`` for ``room`` was admitted: that room's refusal is answered."""
         if self._entries.pop((agent, room), None) is not None:
+            self._on_change()
+
+    def clear(self) -> None:
+        """Forget every refusal (the supervisor admits no more jobs: no retry will come in)."""
+        if self._entries:
+            self._entries.clear()
             self._on_change()
 
     def bundles(self) -> list[dict[str, float]]:
@@ -67,6 +87,16 @@ class RefusedDemand:
         for key in [key for key, (expires, _) in self._entries.items() if expires <= now]:
             del self._entries[key]
         return [bundle for _, bundle in self._entries.values()]
+
+
+def headroom(min_free_slots: int, *, admitting: bool, max_jobs: int | None, live_jobs: int) -> int:
+    """Free job bundles to ask for ahead of demand: ``min_free_slots``, none while no job is
+    admitted (draining, stopping), and never more than ``max_jobs`` leaves room for."""
+    if not admitting:
+        return 0
+    if max_jobs is not None:
+        return min(min_free_slots, max(0, max_jobs - live_jobs))
+    return min_free_slots
 
 
 def autoscaler_bundles(*, jobs: Iterable[Bundle], pool_spare: Sequence[Bundle], headroom: int,
@@ -80,20 +110,21 @@ def autoscaler_bundles(*, jobs: Iterable[Bundle], pool_spare: Sequence[Bundle], 
 
 class AutoscalerRequest:
     """Keeps Ray's autoscaler request equal to ``compute()``: recomputed on ``changed()``
-    (and every ``RECOMPUTE_EVERY`` intervals), sent only when it differs from the last one
-    sent, at most once per ``interval`` seconds, from a thread (a GCS write). ``known_empty``:
-    no request of an earlier supervisor may stand (a new supervisor; a restarted one sends
-    its first computation whatever it is, replacing its predecessor's)."""
+    (and every ``RECOMPUTE_EVERY`` intervals), sent when it differs from the last one sent,
+    at most once per ``interval`` seconds. The first computation is always sent: it replaces
+    any request an earlier supervisor left standing. Sends are GCS writes, made in order on
+    one thread of their own, so the request Ray keeps is the last one made."""
 
     def __init__(self, *, compute: Callable[[], list[dict[str, float]]], interval: Callable[[], float],
-                 tasks: set[asyncio.Task[Any]], known_empty: bool,
+                 tasks: set[asyncio.Task[Any]],
                  send: Callable[[list[dict[str, float]]], None] = _request_resources,
                  on_sent: Callable[[list[dict[str, float]]], None] = lambda bundles: None) -> None:
         self._compute = compute
         self._on_sent = on_sent
         self._interval = interval
         self._send = send
-        self._sent: list[dict[str, float]] | None = [] if known_empty else None
+        self._sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rayvisor-autoscaler-request")
+        self._sent: list[dict[str, float]] | None = None
         self._wake = asyncio.Event()
         self._wake.set()
         self._closed = False
@@ -109,20 +140,26 @@ class AutoscalerRequest:
         self._wake.set()
 
     async def _follow(self) -> None:
-        while True:
+        while not self._closed:
             try:
-                await asyncio.wait_for(self._wake.wait(), self._interval() * RECOMPUTE_EVERY)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(self._interval() * RECOMPUTE_EVERY):  # unlike wait_for, never
+                    await self._wake.wait()                                     # swallows a cancellation
+            except TimeoutError:
                 pass
             self._wake.clear()
-            await self._update(self._compute())
+            try:
+                bundles = self._compute()
+            except Exception:  # a bug in the arithmetic must not freeze the request for good
+                logger.exception("computing the request to Ray's autoscaler failed; trying again")
+            else:
+                await self._update(bundles)
             await asyncio.sleep(self._interval())
 
     async def _update(self, bundles: list[dict[str, float]]) -> None:
-        if bundles == self._sent:
+        if bundles == self._sent or (self._closed and bundles):  # once closed, only the withdrawal
             return
         try:
-            await asyncio.to_thread(self._send, bundles)
+            await asyncio.get_running_loop().run_in_executor(self._sender, self._send, bundles)
         except Exception as err:  # the GCS may be briefly unreachable: try again next round
             logger.warning("cannot update the request to Ray's autoscaler: %r", err)
             self._wake.set()
@@ -138,7 +175,8 @@ class AutoscalerRequest:
         self._closed = True
         self._task.cancel()
         if self._sent != []:
-            await self._update([])
+            await self._update([])  # queued after any send in flight: the last one Ray keeps
+        self._sender.shutdown(wait=False)
 
 
 def _summary(bundles: list[dict[str, float]]) -> str:

@@ -46,6 +46,7 @@ from ..messages import (
     encode,
 )
 from ..rooms.local import DEFAULT_NAMESPACE, ROOM_SERVER_NAME, LocalRooms, room_server
+from .autoscaler_request import withdraw_request
 from .job_handle import JOB_ACTOR_PREFIX
 from .settings import SupervisorSettings
 from .supervisor import SUPERVISOR_NAME, Supervisor
@@ -252,11 +253,15 @@ class Client:
         """Shut every job down through the protocol (new submits get ``Draining``), then remove
         the supervisor, the local rooms, the nodes' inference actors, and any job actor still
         alive after ``timeout``."""
+        stopped = False
         try:
             self._call("stop", JobIdRequest(job_id=""), Ack, timeout=timeout, retry=False)
+            stopped = True  # and withdrew its request to Ray's autoscaler
         except SupervisorUnavailable:
             pass  # already stopped (or dead): still clean up below
         finally:
+            if not stopped:  # a supervisor killed here, or already dead, left its request standing
+                withdraw_request()
             for actor in ray.util.list_named_actors(all_namespaces=True):
                 name = actor["name"]
                 if actor["namespace"] == self.namespace and (

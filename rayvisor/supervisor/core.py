@@ -21,7 +21,7 @@ from ..messages import Cause, JobSpec, JobStart
 from ..rooms.local import evict_participant
 from .admission import Admission
 from .attempt import AttemptEnd
-from .autoscaler_request import AutoscalerRequest, RefusedDemand, autoscaler_bundles
+from .autoscaler_request import AutoscalerRequest, RefusedDemand, autoscaler_bundles, headroom
 from .cluster_view import SLOT_RESOURCE, ClusterSnapshot, ClusterView
 from .credentials import LiveKitCredentials
 from .job_driver import DriverServices, JobDrivers
@@ -86,11 +86,9 @@ class SupervisorCore:
                                lost_nodes=lambda: self.cluster.lost_nodes, max_jobs=lambda: self.settings.max_jobs,
                                metrics=self.metrics, start_slots=self.start_slots)
         self._pools_take_slots = self.cluster.slots_in_use
-        restarted = restarted_by_ray()
         self.autoscaler_request = AutoscalerRequest(
             compute=self._autoscaler_bundles, interval=lambda: self.settings.autoscaler_request_interval,
-            tasks=self.tasks, known_empty=not restarted,
-            on_sent=lambda bundles: self.metrics.autoscaler_requested(len(bundles)))
+            tasks=self.tasks, on_sent=lambda bundles: self.metrics.autoscaler_requested(len(bundles)))
         self.livekit = LiveKitDispatch(self, self.store, self.tasks)  # this object is its DispatchHost
         self.drivers = JobDrivers(DriverServices(
             table=self.table, metrics=self.metrics, pools=self.pools, start_slots=self.start_slots,
@@ -98,7 +96,7 @@ class SupervisorCore:
             flush=self.snapshots.flush,
             admitting=lambda: self.admission.admitting, withdraw_offer=self.livekit.withdraw_offer,
             evict=lambda record: evict_participant(namespace, record.spec.room, record.identity), tasks=self.tasks))
-        if restarted:
+        if restarted_by_ray():
             # Ray restarted us (max_restarts=-1): take the jobs of the previous incarnation back.
             for agent in self.store.agents():
                 self.agents[agent.agent_name] = agent
@@ -150,6 +148,7 @@ class SupervisorCore:
     def stop_admitting(self, why: str) -> list[JobRecord]:
         """Refuse new jobs from now on; returns the live jobs."""
         self.admission.stop(why)
+        self.admission.refused.clear()  # no retry will be admitted
         self.pools.close()
         self.livekit.set_draining()
         return self.table.live()
@@ -207,11 +206,15 @@ class SupervisorCore:
         self.autoscaler_request.changed()
 
     def _autoscaler_bundles(self) -> list[dict[str, float]]:
-        """What Ray's autoscaler is asked to make room for (see ``autoscaler_request``)."""
+        """What Ray's autoscaler is asked to make room for (see ``autoscaler_request``): no
+        headroom while no job is admitted, and none past ``max_jobs``."""
         ledger = self.pools.ledger()
         spare = [holding.bundle for holding in ledger.pools for _ in range(ledger.spare(holding))]
-        return autoscaler_bundles(jobs=ledger.demand.bundles, pool_spare=spare, headroom=self.settings.min_free_slots,
-                                  headroom_bundle=self.admission.bundle(self._default_agent),
+        free = headroom(self.settings.min_free_slots, admitting=self.admission.admitting,
+                        max_jobs=self.settings.max_jobs, live_jobs=ledger.demand.jobs)
+        default_agent = self.agents.get(self._default_agent.agent_name, self._default_agent)  # as registered now
+        return autoscaler_bundles(jobs=ledger.demand.bundles, pool_spare=spare, headroom=free,
+                                  headroom_bundle=self.admission.bundle(default_agent),
                                   refused=self.admission.refused.bundles())
 
     def _cluster_changed(self, snapshot: ClusterSnapshot) -> None:
