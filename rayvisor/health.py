@@ -77,7 +77,8 @@ def health_verdict(report: SupervisorHealth | BaseException, *, uses_livekit: bo
     """Healthy when the supervisor answered (``report`` is its answer, or the error its call
     raised) and, for an agent served through LiveKit, its registration is ``REGISTERED``."""
     if isinstance(report, BaseException):
-        return Verdict(False, f"supervisor unavailable: {report or type(report).__name__}")
+        lines = str(report).strip().splitlines()  # Ray's errors run to a dozen lines: the first says it
+        return Verdict(False, f"supervisor unavailable: {lines[0] if lines else type(report).__name__}")
     if uses_livekit and report.livekit_state != BridgeState.REGISTERED:
         state = report.livekit_state.value if report.livekit_state is not None else "none"
         return Verdict(False, f"livekit worker not registered: state={state}")

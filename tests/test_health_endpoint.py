@@ -99,6 +99,8 @@ def test_a_supervisor_that_answers_is_healthy_even_while_draining() -> None:
 def test_a_supervisor_that_does_not_answer_is_unhealthy_with_the_error_as_reason() -> None:
     verdict = health_verdict(SupervisorUnavailable("the supervisor did not answer within 2s"), uses_livekit=False)
     assert (verdict.status, verdict.reason) == (503, "supervisor unavailable: the supervisor did not answer within 2s")
+    ray_error = SupervisorUnavailable("the actor died unexpectedly\n\tclass_name: Supervisor\n\tpid: 7833")
+    assert health_verdict(ray_error, uses_livekit=False).reason == "supervisor unavailable: the actor died unexpectedly"
 
 
 @pytest.mark.parametrize("state", [None, BridgeState.CONNECTING, BridgeState.REFUSED, BridgeState.DISCONNECTED,

@@ -164,7 +164,8 @@ class AutoscalerRequest:
             logger.warning("cannot update the request to Ray's autoscaler: %r", err)
             self._wake.set()
             return
-        logger.info("asked Ray's autoscaler for room for %d job bundles%s", len(bundles), _summary(bundles))
+        log = logger.info if bundles or self._sent else logger.debug  # a cluster that never autoscales: quiet
+        log("asked Ray's autoscaler for room for %d job bundles%s", len(bundles), _summary(bundles))
         self._sent = bundles
         self._on_sent(bundles)
 
