@@ -153,9 +153,9 @@ def test_the_request_withdrawn_on_close_is_the_last_one_made_even_with_a_send_in
 
     async def scenario() -> None:
         request = AutoscalerRequest(compute=lambda: [SLOT], interval=lambda: 0.01, tasks=set(), send=slow_autoscaler)
-        await asyncio.sleep(0)  # the first send is in flight, blocked
+        await asyncio.sleep(0)  # one turn of the loop: the first send is submitted, and blocks
         closing = asyncio.ensure_future(request.close())
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0)  # one turn: close has queued the withdrawal behind it
         release.set()
         await closing
     run_bounded(scenario)

@@ -25,6 +25,8 @@ SLOTS_PER_NODE = 2
 NODE_START_TIMEOUT = 60.0
 """A fake agent node is up and placed ~2-5 s after the request; generous for 2 shared cores."""
 NODE_IDLE_TIMEOUT_MINUTES = 0.2
+SUBMIT_RETRY_INTERVAL = 0.5
+"""How often a caller refused with ``AtCapacity`` submits again."""
 NODE_REMOVAL_TIMEOUT = 90.0
 """Idle nodes go ~12-25 s after their last job (idle timeout 12 s, autoscaler rounds of 1 s)."""
 
@@ -90,7 +92,7 @@ def submit_until_admitted(client, room: str) -> tuple[str, int]:
             refusals += 1
             if time.monotonic() > deadline:
                 raise
-            time.sleep(0.5)
+            time.sleep(SUBMIT_RETRY_INTERVAL)
 
 
 def test_from_zero_agent_nodes_a_refused_submit_makes_the_autoscaler_add_a_node_and_the_retry_runs_there(serve):
