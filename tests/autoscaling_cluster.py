@@ -16,7 +16,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -31,6 +30,8 @@ HEAD_NODE_TYPE = "ray.head.default"  # the fake provider's own name for the head
 MARKER = "RAYVISOR_AUTOSCALING_TEST_CLUSTER"
 """Environment variable every process of one test cluster carries (its value: the cluster's id)."""
 HEAD_START_TIMEOUT = 60.0
+NODE_POLL_INTERVAL = 0.2
+"""How often the node table is read while waiting for the autoscaler (it acts once a second)."""
 STOP_GRACE = 5.0
 """Seconds the cluster's processes get to exit on SIGTERM before they are killed."""
 
@@ -148,12 +149,11 @@ def agent_nodes() -> list[dict[str, Any]]:
     return [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("rayvisor_slot")]
 
 
-def wait_for_agent_nodes(count: int, *, timeout: float, at_least: bool = False) -> list[dict[str, Any]]:
-    deadline = time.monotonic() + timeout
-    while True:
-        nodes = agent_nodes()
-        if len(nodes) == count or (at_least and len(nodes) >= count):
-            return nodes
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{len(nodes)} agent nodes after {timeout}s; wanted {count}")
-        time.sleep(0.2)
+def wait_for_agent_nodes(count: int, *, timeout: float) -> None:
+    """Wait until exactly ``count`` agent nodes are alive (the autoscaler added or removed them)."""
+    from support import wait_until
+
+    try:
+        wait_until(lambda: len(agent_nodes()) == count, timeout=timeout, interval=NODE_POLL_INTERVAL)
+    except AssertionError:
+        raise AssertionError(f"{len(agent_nodes())} agent nodes after {timeout}s; wanted {count}") from None
